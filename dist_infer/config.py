@@ -1,0 +1,203 @@
+"""Engine configuration: plain dataclasses, validated when they are built.
+
+Every value a user can set is checked in ``__post_init__`` so that a bad value fails at start with a
+message naming the field, never halfway through a step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype, checkpoint_dtype: Any) -> torch.dtype:
+    """Turns a user's ``dtype`` into a torch dtype; ``"auto"`` takes the checkpoint's (fp32 if it names none)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; use one of float32, bfloat16, float16 or 'auto'")
+        return dtype
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a string or torch.dtype, got {type(dtype).__name__}")
+    key = dtype.lower()
+    if key == "auto":
+        if isinstance(checkpoint_dtype, torch.dtype):
+            return checkpoint_dtype if checkpoint_dtype in _DTYPES.values() else torch.float32
+        if isinstance(checkpoint_dtype, str) and checkpoint_dtype.lower() in _DTYPES:
+            return _DTYPES[checkpoint_dtype.lower()]
+        return torch.float32
+    if key not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of 'auto', 'float32', 'bfloat16', 'float16'")
+    return _DTYPES[key]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and how.
+
+    ``model`` is a local Hugging Face style folder, a ``.gguf`` file (converted once into the cache), or
+    ``None`` for the embedded default model (SmolLM2-135M-Instruct).
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    skip_tokenizer_init: bool = False
+
+    # Filled in by __post_init__.
+    hf_config: Any = field(init=False, repr=False)
+    torch_dtype: torch.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        from dist_infer.model_loader.resolve import resolve_model_path
+        from dist_infer.models.registry import check_architecture
+
+        self.model = resolve_model_path(self.model)
+        if self.tokenizer is None:
+            self.tokenizer = self.model
+        self.hf_config = _load_hf_config(self.model)
+        check_architecture(self.hf_config)
+        self.torch_dtype = parse_dtype(self.dtype, getattr(self.hf_config, "dtype", None))
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
+        if self.max_model_len is None:
+            if derived is None:
+                raise ValueError("the checkpoint's config.json has no max_position_embeddings; pass max_model_len")
+            self.max_model_len = derived
+        elif not isinstance(self.max_model_len, int) or self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be a positive int, got {self.max_model_len!r}")
+        elif derived is not None and self.max_model_len > derived:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is larger than the model's context "
+                f"(max_position_embeddings={derived})"
+            )
+
+    # Shape facts that every layer and the cache need, read once from the HF config.
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+def _load_hf_config(path: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model folder {path!r} has no config.json")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache.
+
+    The pool holds ``num_blocks`` blocks of ``block_size`` tokens. Its size comes from ``kv_cache_memory``
+    (bytes) when given; otherwise from ``gpu_memory_utilization`` of the GPU's memory after the weights, or,
+    on the CPU, ``cpu_kv_cache_fraction`` of the RAM available at start.
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_fraction: float = 0.1
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not 0.0 < self.cpu_kv_cache_fraction < 1.0:
+            raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction!r}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    """How many sequences and tokens one engine step may carry."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
+
+
+_BACKENDS = ("uni", "mp", "ray", "torchrun", "external_launcher")
+
+
+@dataclass
+class ParallelConfig:
+    """world = data_parallel_size x pipeline_parallel_size x tensor_parallel_size."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.distributed_executor_backend is not None and self.distributed_executor_backend not in _BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend={self.distributed_executor_backend!r} is not one of {', '.join(_BACKENDS)}"
+            )
+        if self.world_size > 1 or self.distributed_executor_backend not in (None, "uni"):
+            raise NotImplementedError(
+                "tensor, pipeline and data parallelism arrive with the distributed executors; "
+                "this build runs tensor_parallel_size=pipeline_parallel_size=data_parallel_size=1 "
+                "with distributed_executor_backend='uni'"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine needs, built and validated together."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,1 @@
+"""Process groups and the collectives the parallel layers use."""

@@ -1,0 +1,1 @@
+"""The serving engine: request state, scheduler, KV block manager, output processing, the step loop."""

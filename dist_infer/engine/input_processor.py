@@ -1,0 +1,64 @@
+"""Checks a prompt and its sampling settings and turns them into token ids, before anything is queued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_infer.config import ModelConfig
+from dist_infer.sampling_params import SamplingParams
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer):
+        self.model_config, self.tokenizer = model_config, tokenizer
+
+    def process(self, prompt, params: SamplingParams) -> ProcessedPrompt:
+        """``prompt`` is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}`` (optionally with "prompt")."""
+        text, ids = self._tokens(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
+        limit = self.model_config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, too long for the model's context (max_model_len={limit}) "
+                f"with room for at least one generated token"
+            )
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = limit - len(ids)
+        elif len(ids) + max_tokens > limit:
+            raise ValueError(
+                f"max_tokens={max_tokens} with a {len(ids)}-token prompt exceeds the model's context "
+                f"(max_model_len={limit}); lower max_tokens to at most {limit - len(ids)}"
+            )
+        return ProcessedPrompt(text, list(ids), max_tokens)
+
+    def _tokens(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("the tokenizer is skipped (skip_tokenizer_init=True): give prompts as {'prompt_token_ids': [...]}")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return prompt, self.tokenizer.encode(prompt)

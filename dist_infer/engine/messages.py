@@ -1,0 +1,75 @@
+"""Typed messages between the engine (scheduler) and the workers. Plain Python, picklable.
+
+Workers keep each request's state; after the first step they receive only what changed (tokens appended,
+blocks added), never the whole request again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dist_infer.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen (or must rebuild after being dropped)."""
+
+    req_id: str
+    token_ids: list[int]  # every token known so far (the prompt, plus outputs for a resumed request)
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """What changed for a request the workers already hold."""
+
+    req_id: str
+    new_token_ids: list[int]  # tokens appended to the sequence since the workers last heard
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: which requests run and how many of their tokens each computes."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities at one generated position: the sampled token's and the top-N."""
+
+    sampled_logprob: float
+    sampled_rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Tokens sampled this step, for the requests whose sequence reached its end (others computed a chunk)."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request, as the output processor sees it."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None

@@ -1,0 +1,107 @@
+"""Offline batched inference, shaped like vLLM's ``LLM``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from dist_infer.engine.llm_engine import LLMEngine
+from dist_infer.outputs import RequestOutput
+from dist_infer.sampling_params import SamplingParams
+
+
+class LLM:
+    """``LLM(model=None)`` runs the embedded SmolLM2-135M-Instruct; ``model`` may name a local Hugging Face
+    folder or a ``.gguf`` file. Every other keyword is an engine argument under vLLM's name
+    (``max_num_seqs``, ``kv_cache_memory``, ``block_size``, ...)."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                 distributed_executor_backend: str | None = None, **kwargs):
+        self.engine = LLMEngine.from_engine_args(
+            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend,
+            **kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in the order given. ``prompts``: a string, a
+        ``{"prompt_token_ids": [...]}`` dict, or a list of those."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        params = self._per_prompt(sampling_params, len(prompts), "sampling_params")
+        priorities = self._per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
+        return self._run(prompts, params, priorities, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None
+             ) -> list[RequestOutput]:
+        """``messages``: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not conversations:
+            raise ValueError("messages is empty: give at least one conversation")
+        prompts = []
+        for conversation in conversations:
+            if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+                raise ValueError("each conversation must be a non-empty list of {'role': ..., 'content': ...} dicts")
+            text = apply_chat_template(tokenizer, conversation, add_generation_prompt, chat_template)
+            # The template already holds any BOS token, so none is added again.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts, params, priorities, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [engine.next_request_id() for _ in prompts]
+        added = []
+        try:
+            for request_id, prompt, p, prio in zip(ids, prompts, params, priorities):
+                engine.add_request(request_id, prompt, p, prio)
+                added.append(request_id)
+        except Exception:
+            engine.abort_request(added)
+            raise
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    @staticmethod
+    def _per_prompt(value, n: int, name: str) -> list:
+        if value is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+            return list(value)
+        return [value] * n
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def apply_chat_template(tokenizer, conversation, add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass chat_template= or use generate()")
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)

@@ -1,0 +1,1 @@
+"""Executors move calls from the engine to its workers, and nothing else."""

@@ -1,0 +1,1 @@
+"""Building blocks of the models: parallel linears and embeddings, norms, rotary embedding, attention."""

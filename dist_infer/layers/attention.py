@@ -1,0 +1,94 @@
+"""Attention over a paged KV cache, in plain PyTorch (the reference path on every device).
+
+Cache layout per layer: ``kv_cache`` [2, num_blocks, block_size, num_kv_heads, head_dim]; token at position
+``m`` of a sequence with block table ``bt`` lives in block ``bt[m // block_size]`` at offset
+``m % block_size``.
+
+Each step: the new K/V of every token are written to their slots, then
+
+* decodes (one query each): ``softmax(q K^T * scale + mask) V`` over keys gathered through the block tables,
+  batched over sequences with keys past each sequence's length masked out;
+* prefill spans: causal attention of the span's queries over the sequence's keys -- taken straight from this
+  step's K/V when the span starts at position 0, else gathered from the cache (earlier chunks, cached prefix).
+
+Grouped-query attention shares each K/V head among ``num_heads / num_kv_heads`` query heads. A sliding
+window ``w`` (Mistral) restricts query position ``m`` to keys at positions ``> m - w``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_infer.layers.forward_context import get_attention_metadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.gqa = num_heads != num_kv_heads
+        self.kv_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """Attaches this layer's cache [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        self.kv_cache = kv_cache
+        # Slot-indexed views for the writes: [2, num_blocks * block_size, num_kv_heads, head_dim].
+        self._slots = kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq*D], k/v [T, Hk*D] -> [T, Hq*D]."""
+        meta = get_attention_metadata()
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        self._slots[0].index_copy_(0, meta.slot_mapping, k)
+        self._slots[1].index_copy_(0, meta.slot_mapping, v)
+
+        nd = meta.num_decode_tokens
+        if nd == T:
+            return self._decode(q, meta).reshape(T, -1)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], meta)
+        for span in meta.prefills:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], span)
+        return out.view(T, -1)
+
+    def _gather(self, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_tables [B, nb] -> keys, values [B, Hk, length, D] read from the cache (one gather for both)."""
+        B, nb = block_tables.shape
+        blocks = self.kv_cache[:, block_tables]  # [2, B, nb, bs, Hk, D]
+        seq = blocks.view(2, B, -1, self.num_kv_heads, self.head_dim)[:, :, :length].transpose(2, 3)
+        return seq[0], seq[1]
+
+    def _decode(self, q: torch.Tensor, meta) -> torch.Tensor:
+        keys, values = self._gather(meta.decode_block_tables, meta.decode_max_seq_len)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(self.sliding_window),
+                                             scale=self.scale, enable_gqa=self.gqa)
+        return out.squeeze(2)
+
+    def _prefill(self, q, k, v, span) -> torch.Tensor:
+        n, ctx = span.query_len, span.context_len
+        total = ctx + n
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if ctx == 0:
+            keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        else:
+            keys, values = self._gather(span.block_table.unsqueeze(0), total)
+        if ctx == 0 and (self.sliding_window is None or total <= self.sliding_window):
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+        else:
+            q_pos = torch.arange(ctx, total, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(total, device=q.device).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if self.sliding_window is not None:
+                mask &= k_pos > q_pos - self.sliding_window
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        return out.squeeze(0).transpose(0, 1)

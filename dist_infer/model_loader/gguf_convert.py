@@ -1,0 +1,96 @@
+"""GGUF file -> Hugging Face style folder (config.json, model.safetensors, tokenizer files).
+
+``transformers`` reads the GGUF metadata into a config and a tokenizer and dequantizes the tensors (undoing
+llama.cpp's Q/K row permutation); we write them out with ``safetensors``. The folder is built under a
+temporary name and renamed into place while holding a file lock, so two processes converting the same file
+at once both end up reading one complete folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+# Only the tensors of these GGUF architectures map onto our model classes.
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def gguf_architecture(gguf_path: str | os.PathLike) -> str:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{gguf_path}: not a model GGUF file (no general.architecture)")
+    return field.contents()
+
+
+def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Converts ``src`` (a Llama-family GGUF file) into the folder ``dest``; returns ``dest``.
+
+    Safe to call from several processes at once: the first converts, the others wait and reuse its folder.
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {src}")
+    arch = gguf_architecture(src)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{src}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if _is_complete(dest):
+            if not overwrite:
+                return dest
+            shutil.rmtree(dest)
+        elif dest.exists():
+            raise FileExistsError(f"{dest} exists and is not a converted model folder; remove it or choose another")
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            _write_folder(src, tmp, arch)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _write_folder(src: Path, out: Path, arch: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    out.mkdir(parents=True)
+    folder, name = str(src.parent), src.name
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.architectures = [_HF_ARCHITECTURE[arch]]
+    # Dequantized values are not exact in 16 bits, so the folder keeps them in fp32.
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer.save_pretrained(out)
+
+    # transformers maps GGUF tensor names through a model skeleton; on the meta device it costs no memory.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    # Dequantizes tensor by tensor with a tqdm bar of its own.
+    parsed = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
+    tensors = {k: v.contiguous() for k, v in parsed["tensors"].items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": src.name})

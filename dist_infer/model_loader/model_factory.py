@@ -1,0 +1,21 @@
+"""Builds this rank's part of the model and fills it from the checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_infer.config import ModelConfig
+from dist_infer.model_loader.weights import load_weights
+from dist_infer.models.registry import get_model_class
+
+
+def build_model(model_config: ModelConfig, device: torch.device, layer_range: tuple[int, int] | None = None,
+                is_first: bool = True, is_last: bool = True) -> nn.Module:
+    cls = get_model_class(model_config.hf_config)
+    # Parameters are created empty on the target device and filled straight from the mapped files.
+    with torch.device(device):
+        model = cls(model_config.hf_config, model_config.torch_dtype, model_config.max_model_len,
+                    layer_range=layer_range, is_first=is_first, is_last=is_last)
+    load_weights(model, model_config.model)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Model definitions, written like single-device code with the parallel layer classes."""

@@ -1,0 +1,32 @@
+"""How much memory the KV cache may take on this worker's device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dist_infer.config import CacheConfig
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM the OS could hand out now (MemAvailable), falling back to free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_budget(cache_config: CacheConfig, device: torch.device) -> int:
+    """Bytes for the KV cache: ``kv_cache_memory`` if set; on CUDA ``gpu_memory_utilization`` of the card
+    minus what is in use (weights included); on the CPU ``cpu_kv_cache_fraction`` of available RAM."""
+    if cache_config.kv_cache_memory is not None:
+        return cache_config.kv_cache_memory
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total * cache_config.gpu_memory_utilization) - (total - free)
+    return int(available_host_memory() * cache_config.cpu_kv_cache_fraction)

@@ -1,0 +1,141 @@
+"""Runs one step of the model for a scheduler output: flat token batch in, sampled tokens out."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_infer.config import EngineConfig
+from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from dist_infer.layers.attention import Attention
+from dist_infer.layers.forward_context import AttentionMetadata, PrefillSpan, set_forward_context
+from dist_infer.layers.sampler import Sampler
+from dist_infer.model_loader.model_factory import build_model
+from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.model_config = config.model_config
+        self.device = device
+        self.block_size = config.cache_config.block_size
+        self.model = build_model(self.model_config, device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache ------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one block takes across this worker's layers: 2 (K and V) x layers x block x heads x dim."""
+        layer = self.attention_layers[0]
+        element = torch.empty(0, dtype=self.model_config.torch_dtype).element_size()
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        return per_layer * len(self.attention_layers)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        # Zero-filled: padded block-table entries read these blocks, and masked garbage could be NaN.
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+                                dtype=self.model_config.torch_dtype, device=self.device)
+            layer.bind_kv_cache(cache)
+            self.kv_caches.append(cache)
+
+    # ---- request state -------------------------------------------------------------------------------
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.new_requests:
+            generator = None
+            if new.sampling_params.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(new.sampling_params.seed)
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens,
+                generator)
+        for cached in sched.cached_requests:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ---- one step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        # Decodes (one new token) first, so attention can batch them in one call.
+        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        states = [self.requests[r] for r in order]
+        counts = [sched.num_scheduled_tokens[r] for r in order]
+        input_ids, positions, metadata, last_rows, sampled_states = self._prepare_inputs(states, counts)
+        with set_forward_context(metadata):
+            hidden = self.model(input_ids, positions)
+        if not sampled_states:
+            return ModelRunnerOutput()
+        if len(sampled_states) < hidden.shape[0]:
+            hidden = hidden[last_rows]
+        logits = self.model.compute_logits(hidden)
+        batch = build_sampling_batch(sampled_states, self.model_config.vocab_size, self.device)
+        result = self.sampler(logits, batch)
+        return self._to_output(sampled_states, result)
+
+    def _prepare_inputs(self, states: list[CachedRequestState], counts: list[int]):
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        prefills, last_rows, sampled = [], [], []
+        decode_tables, decode_lens = [], []
+        row = 0
+        for state, n in zip(states, counts):
+            start = state.num_computed_tokens
+            end = start + n
+            ids.extend(state.token_ids[start:end])
+            pos.extend(range(start, end))
+            blocks = state.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decode_tables.append(blocks)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillSpan(row, n, start, torch.tensor(blocks, dtype=torch.long)))
+            if end == len(state.token_ids):  # caught up: the next token is new, sample it
+                last_rows.append(row + n - 1)
+                sampled.append(state)
+            row += n
+        dev = self.device
+        decode_block_tables = decode_seq_lens = None
+        max_len = 0
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            decode_seq_lens = torch.tensor(decode_lens, device=dev)
+            max_len = max(decode_lens)
+        for span in prefills:
+            span.block_table = span.block_table.to(dev)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decode_tables),
+            decode_block_tables=decode_block_tables,
+            decode_seq_lens=decode_seq_lens,
+            decode_max_seq_len=max_len,
+            prefills=prefills,
+        )
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                metadata, torch.tensor(last_rows, dtype=torch.long, device=dev), sampled)
+
+    @staticmethod
+    def _to_output(states, result) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        tokens = result.token_ids.tolist()
+        if result.sampled_logprobs is not None:
+            sampled_lp = result.sampled_logprobs.tolist()
+            ranks = result.sampled_ranks.tolist()
+            top_ids = result.topk_ids.tolist() if result.topk_ids is not None else None
+            top_lp = result.topk_logprobs.tolist() if result.topk_logprobs is not None else None
+        for i, (state, token) in enumerate(zip(states, tokens)):
+            out.sampled_token_ids[state.req_id] = token
+            n = state.sampling_params.logprobs
+            if n is not None:
+                out.logprobs[state.req_id] = TokenLogprobs(
+                    sampled_lp[i], ranks[i], top_ids[i][:n] if n else [], top_lp[i][:n] if n else [])
+        return out
