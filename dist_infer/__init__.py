@@ -1,8 +1,23 @@
 """dist-infer: distributed LLM inference with tensor, pipeline and data parallelism."""
 
-from dist_infer.entrypoints.llm import LLM
-from dist_infer.outputs import CompletionOutput, Logprob, RequestOutput
-from dist_infer.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+import importlib
+
 __version__ = "0.1.0"
+
+# Resolved on first use, so that light modules (the scheduler, the configs) import without torch.
+_EXPORTS = {
+    "LLM": "dist_infer.entrypoints.llm",
+    "SamplingParams": "dist_infer.sampling_params",
+    "RequestOutput": "dist_infer.outputs",
+    "CompletionOutput": "dist_infer.outputs",
+    "Logprob": "dist_infer.outputs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dist_infer' has no attribute {name!r}")

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch stays out of the scheduler's imports, which share this module
+    import torch
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
 
 
 def parse_dtype(dtype: str | torch.dtype, checkpoint_dtype: Any) -> torch.dtype:
     """Turns a user's ``dtype`` into a torch dtype; ``"auto"`` takes the checkpoint's (fp32 if it names none)."""
+    import torch
+
+    _DTYPES = {name: getattr(torch, target) for name, target in _DTYPE_NAMES.items()}
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype={dtype} is not supported; use one of float32, bfloat16, float16 or 'auto'")

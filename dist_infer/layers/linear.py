@@ -18,10 +18,10 @@ tensor (or a lazy safetensors slice) and the loader narrows it to this rank's pa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.distributed.parallel_state import get_tp_group
+from dist_infer.layers.linear_method import UnquantizedLinearMethod
 from dist_infer.layers.shard import TensorSource, check_dim, copy_into, narrow, source_shape
 
 
@@ -39,6 +39,7 @@ class LinearBase(nn.Module):
         dtype = params_dtype or torch.get_default_dtype()
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
+        self.linear_method = UnquantizedLinearMethod()
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -49,6 +50,13 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSource, shard_id=None) -> None:
         raise NotImplementedError
+
+    def process_weights_after_loading(self) -> None:
+        self.linear_method.process_weights_after_loading(self)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + bias`` with this rank's weight."""
+        return self.linear_method.apply(self, x, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -61,7 +69,7 @@ class ReplicatedLinear(LinearBase):
         copy_into(param.data, narrow(loaded, 0, 0, source_shape(loaded)[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -93,7 +101,7 @@ class ColumnParallelLinear(LinearBase):
         copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         if self.gather_output:
             y = get_tp_group().all_gather(y, dim=-1)
         return y
@@ -189,8 +197,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return self.matmul(x, self.bias)
+        y = self.matmul(x, None)
         if self.reduce_results:
             y = get_tp_group().all_reduce(y)
         if self.bias is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.distributed.parallel_state import get_tp_group
+from dist_infer.layers.linear_method import UnquantizedLinearMethod
 from dist_infer.layers.shard import TensorSource, check_dim, copy_into, narrow
 
 
@@ -61,6 +62,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self._bias_loader
         else:
             self.register_parameter("bias", None)
+        self.linear_method = UnquantizedLinearMethod()
+        self.tied = False
 
     def _bias_loader(self, param: nn.Parameter, loaded: TensorSource, shard_id=None) -> None:
         check_dim(loaded, 0, self.num_embeddings)
@@ -72,10 +75,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Shares the embedding table (tied word embeddings on a stage that holds both)."""
         self.weight = embedding.weight
+        self.tied = True
+
+    def process_weights_after_loading(self) -> None:
+        # A tied table is still read by the embedding lookup, so its loaded copy stays.
+        self.linear_method.process_weights_after_loading(self, weight_shared=self.tied)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, V] logits, gathered from every rank."""
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = self.linear_method.apply(self, hidden, self.bias)
         if self.tp_size > 1:
             logits = get_tp_group().all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

@@ -34,13 +34,31 @@ class ModelRunner:
         return per_layer * len(self.attention_layers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        # Zero-filled: padded block-table entries read these blocks, and masked garbage could be NaN.
         self.kv_caches = []
         for layer in self.attention_layers:
-            cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
                                 dtype=self.model_config.torch_dtype, device=self.device)
             layer.bind_kv_cache(cache)
             self.kv_caches.append(cache)
+        # Attention reads whole blocks and masks the unused slots; a masked NaN would still poison the
+        # output (0 * NaN), so each block is zeroed before first use. On the CPU this is done lazily, as
+        # zero-filling the whole pool up front would touch every page of it.
+        if self.device.type == "cpu":
+            self._block_zeroed = bytearray(num_blocks)
+        else:
+            for cache in self.kv_caches:
+                cache.zero_()
+            self._block_zeroed = bytearray(b"\x01") * num_blocks
+
+    def _zero_fresh_blocks(self, block_ids: list[int]) -> None:
+        fresh = [b for b in block_ids if not self._block_zeroed[b]]
+        if not fresh:
+            return
+        index = torch.tensor(fresh, dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            cache.index_fill_(1, index, 0)
+        for b in fresh:
+            self._block_zeroed[b] = 1
 
     # ---- request state -------------------------------------------------------------------------------
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -54,7 +72,9 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                 generator)
+            self._zero_fresh_blocks(new.block_ids)
         for cached in sched.cached_requests:
+            self._zero_fresh_blocks(cached.new_block_ids)
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)

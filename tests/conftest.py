@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random checkpoints written with ``save_pretrained``, and the embedded default model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_tiny_model(config, path, seed: int = 0, bias_std: float = 0.0, tokenizer_dir: str | None = None,
+                    **save_kwargs) -> str:
+    """Random weights for ``config`` (large init so greedy choices are not near-ties), saved as a HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if bias_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, bias_std)
+    model.save_pretrained(str(path), **save_kwargs)
+    if tokenizer_dir is not None:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith("tokenizer") or name.endswith(".jinja") or name == "special_tokens_map.json":
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(str(path), name))
+    return str(path)
+
+
+def no_special_tokens() -> dict:
+    return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct, converted once into the cache."""
+    from dist_infer.model_loader.resolve import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer(tmp_path_factory, default_model_path) -> str:
+    """A tiny random Llama that speaks SmolLM2's tokenizer (vocab 49152), for text-level tests."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_tok"), tokenizer_dir=default_model_path)
