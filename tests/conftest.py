@@ -35,6 +35,16 @@ def no_special_tokens() -> dict:
     return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+def tiny_llama_config(**overrides):
+    """A small random Llama with GQA and no special tokens; keyword arguments override any field."""
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, **no_special_tokens())
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct, converted once into the cache."""

@@ -10,23 +10,31 @@ from dist_infer.layers.forward_context import AttentionMetadata, PrefillSpan, se
 
 @torch.inference_mode()
 def forward_logits(model, prompt: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits [vocab] at the prompt's last position, with a private KV cache just large enough for it."""
+    """Logits [vocab] at the prompt's last position, with a private KV cache just large enough for it.
+
+    ``model`` may be a list of pipeline stages, run in order with (hidden, residual) handed along."""
+    stages = model if isinstance(model, list) else [model]
     n = len(prompt)
     num_blocks = -(-n // block_size)
     saved = []
-    for layer in model.modules():
-        if isinstance(layer, Attention):
-            saved.append((layer, layer.kv_cache))
-            dtype = next(model.parameters()).dtype
-            layer.bind_kv_cache(torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype))
+    for stage in stages:
+        dtype = next(p for p in stage.parameters() if p.is_floating_point()).dtype
+        for layer in stage.modules():
+            if isinstance(layer, Attention):
+                saved.append((layer, layer.kv_cache))
+                layer.bind_kv_cache(torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
+                                                dtype=dtype))
     try:
         table = torch.arange(num_blocks)
         meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode_tokens=0, decode_block_tables=None,
                                  decode_seq_lens=None, decode_max_seq_len=0,
                                  prefills=[PrefillSpan(0, n, 0, table)])
+        ids, positions = torch.tensor(prompt), torch.arange(n)
+        carried = (None, None)
         with set_forward_context(meta):
-            hidden = model(torch.tensor(prompt), torch.arange(n))
-        return model.compute_logits(hidden[-1:])[0]
+            for stage in stages:
+                carried = stage(ids, positions, *carried)
+        return stages[-1].compute_logits(carried[-1:])[0]
     finally:
         for layer, cache in saved:
             if cache is not None:

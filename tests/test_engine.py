@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
-from conftest import no_special_tokens, save_tiny_model
+from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import LLM, SamplingParams
 from dist_infer.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3, **no_special_tokens())
-    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_engine"))
+    return save_tiny_model(tiny_llama_config(), tmp_path_factory.mktemp("tiny_engine"))
 
 
 def _prompts(lengths, seed=0):

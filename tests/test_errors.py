@@ -8,22 +8,14 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
-
-from conftest import no_special_tokens, save_tiny_model
+from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import LLM, SamplingParams
-
-
-def _config(**overrides):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, **no_special_tokens())
-    base.update(overrides)
-    return LlamaConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return save_tiny_model(_config(), tmp_path_factory.mktemp("tiny_errors"))
+    config = tiny_llama_config(vocab_size=64, intermediate_size=48, max_position_embeddings=64)
+    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_errors"))
 
 
 @pytest.fixture(scope="module")

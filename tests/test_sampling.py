@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import no_special_tokens, save_tiny_model
+from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import LLM, SamplingParams
 from dist_infer.layers.sampler import Sampler, SamplingBatch
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, **no_special_tokens())
+    config = tiny_llama_config(vocab_size=97, intermediate_size=48, max_position_embeddings=128, initializer_range=0.2)
     return save_tiny_model(config, tmp_path_factory.mktemp("tiny_sampling"))
 
 

@@ -35,8 +35,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSource, shard_id=None) -> None:
+        """Rows [vocab_start, vocab_end) of the [V, hidden] table (or [V] bias); padding rows are zeroed."""
         check_dim(loaded, 0, self.num_embeddings)
-        check_dim(loaded, 1, self.embedding_dim)
+        if param.dim() == 2:
+            check_dim(loaded, 1, self.embedding_dim)
         rows = max(0, self.vocab_end - self.vocab_start)
         with torch.no_grad():
             param.data[rows:].zero_()
@@ -59,18 +61,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, params_dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.shard_size, dtype=self.weight.dtype), requires_grad=False)
-            self.bias.weight_loader = self._bias_loader
+            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
         self.linear_method = UnquantizedLinearMethod()
         self.tied = False
-
-    def _bias_loader(self, param: nn.Parameter, loaded: TensorSource, shard_id=None) -> None:
-        check_dim(loaded, 0, self.num_embeddings)
-        rows = max(0, self.vocab_end - self.vocab_start)
-        with torch.no_grad():
-            param.data[rows:].zero_()
-        copy_into(param.data[:rows], narrow(loaded, 0, self.vocab_start, rows))
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Shares the embedding table (tied word embeddings on a stage that holds both)."""
