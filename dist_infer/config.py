@@ -121,7 +121,8 @@ def _load_hf_config(path: str):
 class CacheConfig:
     """Paged KV cache.
 
-    The pool holds ``num_blocks`` blocks of ``block_size`` tokens. Its size comes from ``kv_cache_memory``
+    The pool holds ``num_blocks`` blocks of ``block_size`` tokens; full blocks are shared between requests
+    with the same prefix unless ``enable_prefix_caching`` is off. Its size comes from ``kv_cache_memory``
     (bytes) when given; otherwise from ``gpu_memory_utilization`` of the GPU's memory after the weights, or,
     on the CPU, ``cpu_kv_cache_fraction`` of the RAM available at start.
     """
@@ -131,6 +132,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_fraction: float = 0.1
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -147,16 +149,28 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    """How many sequences and tokens one engine step may carry."""
+    """How many sequences and tokens one engine step may carry.
+
+    Prompts longer than the step's budget are computed in chunks over several steps. One request's chunk
+    takes at most ``long_prefill_token_threshold`` tokens (default: half the budget), so that requests
+    arriving during a long prefill still start in the next step.
+    """
 
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 2)
+        elif not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 1:
+            raise ValueError(
+                f"long_prefill_token_threshold must be a positive int, got {self.long_prefill_token_threshold!r}"
+            )
 
 
 _BACKENDS = ("uni", "mp", "ray", "torchrun", "external_launcher")

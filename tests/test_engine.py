@@ -26,7 +26,7 @@ def test_batched_equals_one_at_a_time_under_tight_limits(tiny_path):
     expected = [alone.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     # Few sequences at once, a small token budget and a pool too small for all of them: requests queue and
     # join the running batch as others finish.
-    tight = LLM(model=tiny_path, skip_tokenizer_init=True, max_num_seqs=3, max_num_batched_tokens=128,
+    tight = LLM(model=tiny_path, skip_tokenizer_init=True, max_num_seqs=3, max_num_batched_tokens=128, max_model_len=160,
                 num_gpu_blocks_override=20, block_size=8)
     outputs = tight.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected

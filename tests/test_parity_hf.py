@@ -95,7 +95,7 @@ def test_last_position_logits_match_hf(checkpoint):
 @pytest.mark.slow
 def test_smollm2_matches_hf(default_model_path):
     hf = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
-    llm = LLM(kv_cache_memory=1 << 27)
+    llm = LLM(kv_cache_memory=1 << 27, max_model_len=2048)
     tok = llm.get_tokenizer()
     texts = ["The capital of France is", "def fibonacci(n):",
              "Once upon a time, in a small village at the edge of a great forest, there lived"]

@@ -25,8 +25,10 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_fraction: float = 0.1
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -42,10 +44,8 @@ class EngineArgs:
         model = ModelConfig(self.model, self.tokenizer, self.dtype, self.seed, self.max_model_len,
                             self.skip_tokenizer_init)
         cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                            self.cpu_kv_cache_fraction, self.num_gpu_blocks_override)
-        # Without chunked prefill a whole prompt runs in one step, so the budget covers the context.
-        batched = self.max_num_batched_tokens or max(8192, model.max_model_len)
-        scheduler = SchedulerConfig(self.max_num_seqs, batched)
+                            self.cpu_kv_cache_fraction, self.num_gpu_blocks_override, self.enable_prefix_caching)
+        scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.long_prefill_token_threshold)
         return EngineConfig(model, cache, scheduler, parallel)
 
     @staticmethod
@@ -64,8 +64,10 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=16)
         g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--max-num-seqs", type=int, default=256)
-        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+        g.add_argument("--long-prefill-token-threshold", type=int, default=None)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -1,12 +1,14 @@
-"""Paged KV-cache bookkeeping (plain Python): a pool of fixed-size blocks and a block table per request.
+"""Per-request block tables over the block pool, with prefix caching (plain Python).
 
 Token ``m`` of a request lives in block ``table[m // block_size]`` at offset ``m % block_size``; a request
-holding ``n`` tokens owns ``ceil(n / block_size)`` blocks.
+holding ``n`` tokens owns ``ceil(n / block_size)`` blocks. Full blocks are keyed by
+``(hash of the previous block's key, their tokens)``, so equal prefixes give equal chains of keys and a new
+request can start from the longest chain already in the cache.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dist_infer.engine.block_pool import BlockPool, KVCacheBlock
 
 
 def cdiv(a: int, b: int) -> int:
@@ -14,16 +16,27 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1:
-            raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
-        self.block_tables: dict[str, list[int]] = {}
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.block_tables: dict[str, list[KVCacheBlock]] = {}
+        # Block keys of each request's full blocks, extended as its tokens grow.
+        self._keys: dict[str, list[tuple]] = {}
+        # How many of each request's leading blocks are already keyed in the pool.
+        self._num_keyed: dict[str, int] = {}
+
+    # ---- sizes ---------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -31,19 +44,68 @@ class KVCacheManager:
     def num_held(self, request_id: str) -> int:
         return len(self.block_tables.get(request_id, ()))
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Grows the request's table to hold ``num_tokens`` tokens; returns the new block ids, or None
-        (allocating nothing) when the pool cannot supply them."""
-        table = self.block_tables.setdefault(request_id, [])
-        need = self.blocks_for(num_tokens) - len(table)
-        if need <= 0:
-            return []
-        if need > len(self.free_blocks):
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(request_id, ())]
+
+    # ---- prefix cache --------------------------------------------------------------------------------
+    def _block_keys(self, request_id: str, token_ids: list[int], num_tokens: int) -> list[tuple]:
+        """Keys of the full blocks among the first ``num_tokens`` tokens, computed once per block."""
+        keys = self._keys.setdefault(request_id, [])
+        bs = self.block_size
+        parent = hash(keys[-1]) if keys else None
+        for i in range(len(keys), num_tokens // bs):
+            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def get_computed_blocks(self, request_id: str, token_ids: list[int]) -> tuple[list[KVCacheBlock], int]:
+        """The longest cached prefix of full blocks, and how many tokens it covers.
+
+        At least one token is always left to compute, since the model must run on the last one to sample."""
+        if not self.pool.enable_caching:
+            return [], 0
+        hits = []
+        for key in self._block_keys(request_id, token_ids, len(token_ids) - 1):
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    # ---- allocation ----------------------------------------------------------------------------------
+    def allocate_slots(self, request_id: str, token_ids: list[int], num_computed: int, num_new: int,
+                       computed_blocks: list[KVCacheBlock] = ()) -> list[int] | None:
+        """Grows the request's table to hold ``num_computed + num_new`` tokens, starting from
+        ``computed_blocks`` (prefix-cache hits) for a request that holds none yet. Returns the ids of the
+        blocks added (hits included), or None -- allocating nothing -- when the pool is short."""
+        table = self.block_tables.get(request_id, [])
+        total = num_computed + num_new
+        need = self.blocks_for(total) - len(table) - len(computed_blocks)
+        # Hits that sit free in the queue stop being available for new blocks once taken.
+        revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - revived:
             return None
-        new = [self.free_blocks.popleft() for _ in range(need)]
-        table.extend(new)
-        return new
+        self.pool.touch(list(computed_blocks))
+        added = list(computed_blocks) + self.pool.take(max(need, 0))
+        table = self.block_tables.setdefault(request_id, [])
+        table.extend(added)
+        self._cache_full_blocks(request_id, token_ids, table, total)
+        return [b.block_id for b in added]
+
+    def _cache_full_blocks(self, request_id: str, token_ids: list[int], table: list[KVCacheBlock], total: int) -> None:
+        if not self.pool.enable_caching:
+            return
+        keys = self._block_keys(request_id, token_ids, total)
+        start, full = self._num_keyed.get(request_id, 0), total // self.block_size
+        for i in range(start, full):
+            if table[i].key is None:  # a prefix hit already carries its key
+                self.pool.cache(table[i], keys[i])
+        self._num_keyed[request_id] = max(start, full)
 
     def free(self, request_id: str) -> None:
-        for block in self.block_tables.pop(request_id, ()):
-            self.free_blocks.append(block)
+        """Returns the request's blocks; its last blocks are queued first so shared prefixes outlive tails."""
+        table = self.block_tables.pop(request_id, [])
+        self._keys.pop(request_id, None)
+        self._num_keyed.pop(request_id, None)
+        self.pool.release(reversed(table))

@@ -11,6 +11,7 @@ from dist_infer.engine.kv_cache_manager import KVCacheManager
 from dist_infer.engine.output_processor import OutputProcessor
 from dist_infer.engine.request import Request, RequestStatus
 from dist_infer.engine.scheduler import Scheduler
+from dist_infer.engine.stats import SchedulerStats
 from dist_infer.engine.tokenizer import eos_token_ids, load_tokenizer
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import SamplingParams
@@ -27,8 +28,15 @@ class LLMEngine:
         self.input_processor = InputProcessor(model_config, self.tokenizer)
         self.executor = UniProcExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
+        block_size = config.cache_config.block_size
+        if num_blocks * block_size < model_config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks), fewer than one "
+                f"sequence of max_model_len={model_config.max_model_len}; lower max_model_len or give the cache "
+                f"more memory (kv_cache_memory / gpu_memory_utilization)"
+            )
         self.executor.initialize_cache(num_blocks)
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.cache_config.block_size)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, model_config.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -54,6 +62,10 @@ class LLMEngine:
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for request_id in ids:
             self.output_processor.abort(request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        """Counts and rates of the engine right now (running/waiting, KV use, prefix hits, preemptions)."""
+        return self.scheduler.get_stats()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -28,8 +28,9 @@ class CachedRequestData:
 
     req_id: str
     new_token_ids: list[int]  # tokens appended to the sequence since the workers last heard
-    new_block_ids: list[int]
+    new_block_ids: list[int]  # blocks appended to its table; its whole new table when resumed
     num_computed_tokens: int
+    resumed_from_preemption: bool = False
 
 
 @dataclass

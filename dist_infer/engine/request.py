@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import time
 
+from dist_infer.engine.stats import RequestMetrics
 from dist_infer.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, its blocks taken back; recomputed when resumed
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -45,6 +47,12 @@ class Request:
         self.stop_reason: int | str | None = None
         # How many of ``token_ids`` the workers have been sent.
         self.num_tokens_sent = 0
+        self.metrics = RequestMetrics(self.arrival_time)
+
+    @property
+    def sort_key(self) -> tuple[int, float]:
+        """Lower runs first: priority value, then arrival."""
+        return self.priority, self.arrival_time
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,15 +1,22 @@
-"""Chooses, each step, which requests run and how many tokens each computes (plain Python).
+"""Chooses, each step, which requests run and how many of their tokens each computes (plain Python).
 
-Running requests go first (each computes the token sampled last step), then waiting requests are admitted
-in arrival order while the step's token budget (``max_num_batched_tokens``), the sequence cap
-(``max_num_seqs``) and the KV pool allow. A request is admitted only when the pool can hold it at its full
-length (prompt + ``max_tokens``) next to the full lengths of the running ones, so a running request never
-runs out of blocks.
+There is no prefill or decode phase: every request computes some of its tokens past
+``num_computed_tokens`` -- the one token sampled last step, or a chunk of its prompt -- within a per-step
+budget of ``max_num_batched_tokens`` and at most ``max_num_seqs`` running requests.
+
+Order within a step: running decodes first (so they keep flowing), then running prompt chunks, then waiting
+requests by (priority, arrival). A prompt chunk takes at most ``long_prefill_token_threshold`` tokens, which
+leaves room in each step for newly arrived requests. A waiting request starts from the longest prefix the
+KV cache already holds. When a running request needs a block and none is free, the running request with
+the lowest priority (highest value) that arrived last is preempted: its blocks go back to the pool and it
+waits to be recomputed later; no new request is admitted in that step.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+import itertools
+import time
 
 from dist_infer.config import SchedulerConfig
 from dist_infer.engine.kv_cache_manager import KVCacheManager
@@ -21,14 +28,17 @@ from dist_infer.engine.messages import (
     SchedulerOutput,
 )
 from dist_infer.engine.request import Request, RequestStatus
+from dist_infer.engine.stats import SchedulerStats
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
         self.config, self.kv, self.max_model_len = config, kv, max_model_len
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[tuple] = []  # heap of (priority, arrival, seq, request)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats(kv_blocks_total=kv.num_blocks)
+        self._seq = itertools.count()
         self._finished_since_last_step: set[str] = set()
 
     # ---- requests in and out -------------------------------------------------------------------------
@@ -41,11 +51,6 @@ class Scheduler:
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) exceeds "
                 f"max_model_len={self.max_model_len}"
             )
-        if request.num_prompt_tokens > self.config.max_num_batched_tokens:
-            raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) is longer than "
-                f"max_num_batched_tokens={self.config.max_num_batched_tokens}"
-            )
         need = self.kv.blocks_for(request.max_total_tokens)
         if need > self.kv.num_blocks:
             raise ValueError(
@@ -53,7 +58,10 @@ class Scheduler:
                 f"lower max_tokens or give the KV cache more memory"
             )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._push_waiting(request)
+
+    def _push_waiting(self, request: Request) -> None:
+        heapq.heappush(self.waiting, (*request.sort_key, next(self._seq), request))
 
     def finish_requests(self, request_ids, status: RequestStatus) -> None:
         """Ends requests from outside the step (stop string seen, client abort); frees their blocks."""
@@ -61,78 +69,144 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status.finished:
                 continue
-            if request.status == RequestStatus.WAITING:
-                self.waiting.remove(request)
-            else:
+            if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            else:
+                self.waiting = [entry for entry in self.waiting if entry[-1] is not request]
+                heapq.heapify(self.waiting)
             request.status = status
             self._release(request)
 
     def _release(self, request: Request) -> None:
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
+        request.metrics.finished_time = time.monotonic()
         self._finished_since_last_step.add(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.metrics.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self._push_waiting(request)
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    # ---- one step ------------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
-        self._finished_since_last_step = set()
-        budget = self.config.max_num_batched_tokens
+    def get_stats(self) -> SchedulerStats:
+        stats = self.stats
+        stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
+        stats.kv_blocks_free = self.kv.num_free_blocks
+        return SchedulerStats(**vars(stats))
 
-        for request in self.running:
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+    # ---- one step ------------------------------------------------------------------------------------
+    def _chunk(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > 1 and self.config.long_prefill_token_threshold:
+            remaining = min(remaining, self.config.long_prefill_token_threshold)
+        return min(remaining, budget)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted = False
+
+        # Decodes (one token left) before prompt chunks; sorted() is stable, so arrival order holds within each.
+        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._chunk(request, budget)
             if n <= 0:
                 continue
-            new_blocks = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
-            if new_blocks is None:  # cannot happen: admission reserved the full length
-                raise RuntimeError(f"KV pool exhausted for running request {request.request_id}")
-            out.cached_requests.append(CachedRequestData(
-                request.request_id, request.token_ids[request.num_tokens_sent:], new_blocks,
-                request.num_computed_tokens))
-            request.num_tokens_sent = request.num_tokens
-            out.num_scheduled_tokens[request.request_id] = n
+            while (blocks := self.kv.allocate_slots(request.request_id, request.token_ids,
+                                                    request.num_computed_tokens, n)) is None:
+                victim = max(self.running, key=lambda r: r.sort_key)
+                self._preempt(victim)
+                preempted = True
+                if victim.request_id in scheduled:
+                    budget += scheduled.pop(victim.request_id)
+                    del new_blocks[victim.request_id]
+                if victim is request:
+                    break
+            if blocks is None:
+                continue
+            scheduled[request.request_id], new_blocks[request.request_id] = n, blocks
             budget -= n
 
-        reserved = sum(self.kv.blocks_for(r.max_total_tokens) - self.kv.num_held(r.request_id) for r in self.running)
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            n = request.num_tokens - request.num_computed_tokens
-            need = self.kv.blocks_for(request.max_total_tokens)
-            if n > budget or need > self.kv.num_free_blocks - reserved:
+        admitted: list[Request] = []
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0][-1]
+            hits, num_hit = self.kv.get_computed_blocks(request.request_id, request.token_ids)
+            request.num_computed_tokens = num_hit
+            n = self._chunk(request, budget)
+            blocks = self.kv.allocate_slots(request.request_id, request.token_ids, num_hit, n, hits)
+            if blocks is None:
+                request.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
-            blocks = self.kv.allocate_slots(request.request_id, request.num_tokens)
-            request.status = RequestStatus.RUNNING
+            heapq.heappop(self.waiting)
+            self.stats.prefix_cache_queries += request.num_tokens
+            self.stats.prefix_cache_hits += num_hit
+            if request.status == RequestStatus.WAITING:
+                request.metrics.num_cached_tokens = num_hit
+                request.metrics.first_scheduled_time = time.monotonic()
+            admitted.append(request)
             self.running.append(request)
-            reserved += need - len(blocks)
-            out.new_requests.append(NewRequestData(
-                request.request_id, list(request.token_ids), request.sampling_params, list(blocks),
-                request.num_computed_tokens))
-            request.num_tokens_sent = request.num_tokens
-            out.num_scheduled_tokens[request.request_id] = n
+            scheduled[request.request_id], new_blocks[request.request_id] = n, blocks
             budget -= n
+
+        out = self._build_output(scheduled, new_blocks, admitted)
         if not out.num_scheduled_tokens:
             # Nothing runs, so the workers will not see this output; tell them about finished ones next time.
             self._finished_since_last_step |= out.finished_req_ids
             out.finished_req_ids = set()
         return out
 
+    def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+                      admitted: list[Request]) -> SchedulerOutput:
+        out = SchedulerOutput(num_scheduled_tokens=scheduled, finished_req_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        admitted_ids = {r.request_id for r in admitted}
+        for request_id in scheduled:
+            request = self.requests[request_id]
+            if request.status == RequestStatus.WAITING:
+                out.new_requests.append(NewRequestData(
+                    request_id, list(request.token_ids), request.sampling_params, new_blocks[request_id],
+                    request.num_computed_tokens))
+            else:
+                resumed = request_id in admitted_ids  # a preempted request back from the waiting queue
+                out.cached_requests.append(CachedRequestData(
+                    request_id, request.token_ids[request.num_tokens_sent:], new_blocks[request_id],
+                    request.num_computed_tokens, resumed_from_preemption=resumed))
+            request.status = RequestStatus.RUNNING
+            request.num_tokens_sent = request.num_tokens
+        return out
+
     def update_from_output(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Advances each scheduled request by what the model computed and sampled."""
         outputs = []
+        stats = self.stats
+        stats.num_steps += 1
+        stats.last_step_tokens = scheduled.total_num_scheduled_tokens
+        now = time.monotonic()
         for request_id, n in scheduled.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
+            start = request.num_computed_tokens
+            stats.prompt_tokens_computed += max(0, min(start + n, request.num_prompt_tokens) - start)
             request.num_computed_tokens += n
             token = result.sampled_token_ids.get(request_id)
             if token is None:
                 continue
+            stats.generation_tokens += 1
             request.append_token(token)
+            request.metrics.record_tokens(now)
             finished = request.check_stop()
             if not finished and request.num_tokens >= self.max_model_len:
                 request.status, finished = RequestStatus.FINISHED_LENGTH, True

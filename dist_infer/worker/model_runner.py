@@ -77,7 +77,10 @@ class ModelRunner:
             self._zero_fresh_blocks(cached.new_block_ids)
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.resumed_from_preemption:  # its old blocks went back to the pool
+                state.block_ids = list(cached.new_block_ids)
+            else:
+                state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ---- one step ------------------------------------------------------------------------------------
