@@ -18,24 +18,8 @@ import time
 
 import torch
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain how a transformer language model generates text, step by step, for a beginner.",
-    "List three uses of Python.",
-    "Once upon a time",
-    "Summarize the plot of Romeo and Juliet in two sentences, and then say what the play teaches us about haste.",
-    "How do I boil an egg?",
-    "Translate 'good morning' into Spanish, French and German.",
-    "What are prime numbers?",
-    "Describe the water cycle.",
-    "Give me a recipe for pancakes with blueberries and maple syrup, with quantities for four people.",
-    "Why is the sky blue?",
-    "def quicksort(arr):",
-    "The most important invention of the 20th century was",
-    "Compare cats and dogs as pets.",
-    "What is 17 times 23?",
-]
+from workloads import QUESTIONS
+
 
 
 def main() -> None:
@@ -77,7 +61,7 @@ def main() -> None:
     print(f"{'batch':>5} {'dist-infer tok/s':>17} {'HF tok/s':>10} {'ratio':>7}")
     results = []
     for bs in args.batch_sizes:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(bs)]
+        prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(bs)]
         run_ours(prompts), run_hf(prompts)  # warm-up
         ours, theirs = [], []
         for _ in range(args.repeats):

@@ -9,7 +9,11 @@ __version__ = "0.1.0"
 # Resolved on first use, so that light modules (the scheduler, the configs) import without torch.
 _EXPORTS = {
     "LLM": "dist_infer.entrypoints.llm",
+    "LLMEngine": "dist_infer.engine.llm_engine",
+    "AsyncLLMEngine": "dist_infer.engine.async_llm_engine",
+    "EngineArgs": "dist_infer.engine.arg_utils",
     "SamplingParams": "dist_infer.sampling_params",
+    "RequestOutputKind": "dist_infer.sampling_params",
     "RequestOutput": "dist_infer.outputs",
     "CompletionOutput": "dist_infer.outputs",
     "Logprob": "dist_infer.outputs",

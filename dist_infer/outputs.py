@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dist_infer.engine.stats import RequestMetrics
+
 
 @dataclass
 class Logprob:
@@ -14,6 +16,9 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
+    """One completion. With ``RequestOutputKind.DELTA`` the text, token ids and logprobs are only those new
+    since the previous output of the request."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -33,3 +38,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each streamed output holds: everything so far, only what is new, or only the final result."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -21,6 +30,9 @@ class SamplingParams:
     token (unless ``ignore_eos``), at any of ``stop_token_ids`` or when the text produces one of ``stop``
     (the stop string is cut from the text unless ``include_stop_str_in_output``). ``logprobs=N`` returns the
     log-probabilities of the N most likely tokens and of the chosen one at every step.
+
+    ``output_kind`` chooses what streamed outputs carry: the whole text so far (``CUMULATIVE``), only the new
+    text and tokens (``DELTA``), or nothing until the request finishes (``FINAL_ONLY``).
     """
 
     temperature: float = 1.0
@@ -36,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__.
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
@@ -68,6 +81,8 @@ class SamplingParams:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must hold non-negative ints, got {t!r}")
         self.stop_token_ids = ids
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:

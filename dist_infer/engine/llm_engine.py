@@ -55,13 +55,15 @@ class LLMEngine:
         request = Request(request_id, processed.prompt_token_ids, params, self.eos_token_ids,
                           processed.max_tokens, priority)
         self.scheduler.add_request(request)
-        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params)
+        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                          request.arrival_time)
 
-    def abort_request(self, request_ids) -> None:
+    def abort_request(self, request_ids) -> list[RequestOutput]:
+        """Stops requests and frees their blocks; returns their final outputs (finish_reason "abort")."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        for request_id in ids:
-            self.output_processor.abort(request_id)
+        finals = (self.output_processor.abort(request_id) for request_id in ids)
+        return [output for output in finals if output is not None]
 
     def get_stats(self) -> SchedulerStats:
         """Counts and rates of the engine right now (running/waiting, KV use, prefix hits, preemptions)."""

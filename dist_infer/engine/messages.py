@@ -74,3 +74,4 @@ class EngineCoreOutput:
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0

@@ -1,13 +1,15 @@
-"""Turns the engine core's new tokens into ``RequestOutput``s: text, stop strings, logprobs."""
+"""Turns the engine core's new tokens into ``RequestOutput``s: text, stop strings, logprobs, timings."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from dist_infer.engine.detokenizer import IncrementalDetokenizer
 from dist_infer.engine.messages import EngineCoreOutput, TokenLogprobs
+from dist_infer.engine.stats import RequestMetrics
 from dist_infer.outputs import CompletionOutput, Logprob, RequestOutput
-from dist_infer.sampling_params import SamplingParams
+from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -17,10 +19,15 @@ class RequestState:
     prompt_token_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
+    metrics: RequestMetrics
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    num_cached_tokens: int = 0
+    # What earlier DELTA outputs already carried.
+    sent_tokens: int = 0
+    sent_chars: int = 0
 
     @property
     def max_stop_len(self) -> int:
@@ -33,28 +40,34 @@ class OutputProcessor:
         self.requests: dict[str, RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-        state = RequestState(request_id, prompt, prompt_token_ids, params, detok)
+        metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
+        state = RequestState(request_id, prompt, prompt_token_ids, params, detok, metrics)
         if params.logprobs is not None:
             state.logprobs, state.cumulative_logprob = [], 0.0
         self.requests[request_id] = state
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Forgets the request; returns its final output (finish_reason "abort"), or None if it was unknown."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
+        state.metrics.finished_time = time.monotonic()
         return self._make_output(state, "abort", None, finished=True)
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to hand out and the ids of requests that a stop string ended."""
         results, stopped = [], []
+        now = time.monotonic()
         for core in core_outputs:
             state = self.requests.get(core.req_id)
             if state is None:
                 continue
+            state.metrics.record_tokens(now)
+            state.num_cached_tokens = core.num_cached_tokens
             state.token_ids.extend(core.new_token_ids)
             if state.logprobs is not None:
                 for token, lp in zip(core.new_token_ids, core.new_logprobs):
@@ -62,15 +75,17 @@ class OutputProcessor:
                     state.cumulative_logprob += lp.sampled_logprob
             finish_reason, stop_reason = core.finish_reason, core.stop_reason
             if state.detokenizer is not None:
-                delta = state.detokenizer.step(core.new_token_ids)
-                hit = self._append_text(state, delta)
+                hit = self._append_text(state, state.detokenizer.step(core.new_token_ids))
                 if hit is not None:
                     if finish_reason is None:  # the engine core still holds it
                         stopped.append(core.req_id)
                     finish_reason, stop_reason = "stop", hit
             finished = finish_reason is not None
             if finished:
+                state.metrics.finished_time = now
                 del self.requests[core.req_id]
+            elif state.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
             results.append(self._make_output(state, finish_reason, stop_reason, finished))
         return results, stopped
 
@@ -113,10 +128,17 @@ class OutputProcessor:
         if not finished and state.params.stop_strings:
             # Hold back what could still turn out to be the start of a stop string.
             text = text[: max(0, len(text) - state.max_stop_len + 1)]
+        token_ids, logprobs = state.token_ids, state.logprobs
+        if state.params.output_kind == RequestOutputKind.DELTA:
+            text, token_ids = text[state.sent_chars:], token_ids[state.sent_tokens:]
+            logprobs = logprobs[state.sent_tokens:] if logprobs is not None else None
+            state.sent_chars += len(text)
+            state.sent_tokens += len(token_ids)
         completion = CompletionOutput(
-            index=0, text=text, token_ids=list(state.token_ids),
+            index=0, text=text, token_ids=list(token_ids),
             cumulative_logprob=state.cumulative_logprob,
-            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=finish_reason, stop_reason=stop_reason,
         )
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             state.num_cached_tokens, state.metrics)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import time
 
-from dist_infer.engine.stats import RequestMetrics
 from dist_infer.sampling_params import SamplingParams
 
 
@@ -47,7 +46,8 @@ class Request:
         self.stop_reason: int | str | None = None
         # How many of ``token_ids`` the workers have been sent.
         self.num_tokens_sent = 0
-        self.metrics = RequestMetrics(self.arrival_time)
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.num_preemptions = 0
 
     @property
     def sort_key(self) -> tuple[int, float]:

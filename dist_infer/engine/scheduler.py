@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 
 from dist_infer.config import SchedulerConfig
 from dist_infer.engine.kv_cache_manager import KVCacheManager
@@ -80,7 +79,6 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
-        request.metrics.finished_time = time.monotonic()
         self._finished_since_last_step.add(request.request_id)
 
     def _preempt(self, request: Request) -> None:
@@ -88,7 +86,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.metrics.num_preemptions += 1
+        request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._push_waiting(request)
 
@@ -153,8 +151,7 @@ class Scheduler:
             self.stats.prefix_cache_queries += request.num_tokens
             self.stats.prefix_cache_hits += num_hit
             if request.status == RequestStatus.WAITING:
-                request.metrics.num_cached_tokens = num_hit
-                request.metrics.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = num_hit
             admitted.append(request)
             self.running.append(request)
             scheduled[request.request_id], new_blocks[request.request_id] = n, blocks
@@ -193,7 +190,6 @@ class Scheduler:
         stats = self.stats
         stats.num_steps += 1
         stats.last_step_tokens = scheduled.total_num_scheduled_tokens
-        now = time.monotonic()
         for request_id, n in scheduled.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran
@@ -206,14 +202,13 @@ class Scheduler:
                 continue
             stats.generation_tokens += 1
             request.append_token(token)
-            request.metrics.record_tokens(now)
             finished = request.check_stop()
             if not finished and request.num_tokens >= self.max_model_len:
                 request.status, finished = RequestStatus.FINISHED_LENGTH, True
             logprobs = result.logprobs.get(request_id)
             outputs.append(EngineCoreOutput(
                 request_id, [token], [logprobs] if logprobs is not None else [],
-                request.status.value if finished else None, request.stop_reason))
+                request.status.value if finished else None, request.stop_reason, request.num_cached_tokens))
             if finished:
                 self.running.remove(request)
                 self._release(request)

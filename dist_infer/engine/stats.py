@@ -8,16 +8,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestMetrics:
-    """Timestamps (``time.monotonic()``) of one request's life and the gaps between its tokens."""
+    """Timestamps (``time.monotonic()``) of one request as its caller sees it, and the gaps between tokens."""
 
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
     inter_token_latencies: list[float] = field(default_factory=list)
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    num_preemptions: int = 0
 
     @property
     def time_to_first_token(self) -> float | None:

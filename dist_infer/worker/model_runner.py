@@ -6,7 +6,7 @@ import torch
 
 from dist_infer.config import EngineConfig
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from dist_infer.layers.attention import Attention
+from dist_infer.layers.attention import Attention, GatherWorkspace
 from dist_infer.layers.forward_context import AttentionMetadata, PrefillSpan, set_forward_context
 from dist_infer.layers.sampler import Sampler
 from dist_infer.model_loader.model_factory import build_model
@@ -35,10 +35,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
+        workspace = GatherWorkspace(self.model_config.torch_dtype, self.device)
         for layer in self.attention_layers:
             cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
                                 dtype=self.model_config.torch_dtype, device=self.device)
-            layer.bind_kv_cache(cache)
+            layer.bind_kv_cache(cache, workspace)
             self.kv_caches.append(cache)
         # Attention reads whole blocks and masks the unused slots; a masked NaN would still poison the
         # output (0 * NaN), so each block is zeroed before first use. On the CPU this is done lazily, as

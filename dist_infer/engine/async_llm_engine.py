@@ -1,0 +1,175 @@
+"""The asyncio engine: ``async for out in engine.generate(prompt, params, request_id)``.
+
+The synchronous engine runs in one background thread, stepping while it has work and sleeping otherwise;
+event-loop code never blocks on a step. Requests and aborts reach that thread through a command queue and
+are applied between steps; each step's outputs go back to the awaiting coroutines through
+``loop.call_soon_threadsafe``. A caller that stops iterating (client disconnect, cancellation) aborts its
+request, which frees its KV blocks. If a step fails, every waiting caller gets the error and the engine
+refuses new work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from dist_infer.config import EngineConfig
+from dist_infer.engine.arg_utils import EngineArgs
+from dist_infer.engine.llm_engine import LLMEngine
+from dist_infer.outputs import RequestOutput
+from dist_infer.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop has stopped (it failed, or the engine was shut down)."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="dist-infer-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> AsyncLLMEngine:
+        return cls(EngineArgs.from_kwargs(**kwargs).create_engine_config())
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stopping
+
+    # ---- caller side (event loop) --------------------------------------------------------------------
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs as they are produced (cumulative, delta or final only, as its
+        ``output_kind`` says); the last one has ``finished=True``. A malformed request raises here."""
+        self._check_alive()
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        accepted = loop.create_future()
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt, sampling_params, priority)
+            except Exception as e:  # bad input: reported to the caller, nothing queued
+                loop.call_soon_threadsafe(_settle, accepted, e)
+                return
+            self._streams[request_id] = stream
+            loop.call_soon_threadsafe(_settle, accepted, None)
+
+        self._submit(add)
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the caller went away first
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its blocks; its stream ends with a finish_reason "abort" output."""
+        def run() -> None:
+            final = self.engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                for output in final:
+                    stream.put(output)
+
+        self._submit(run)
+
+    def get_stats(self):
+        return self.engine.get_stats()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+        self.engine.shutdown()
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._error}") from self._error
+        if self._stopping or not self._thread.is_alive():
+            raise EngineDeadError("the engine is shut down")
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- engine side (background thread) -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    stream = self._streams.get(output.request_id)
+                    if stream is None:
+                        continue
+                    if output.finished:
+                        del self._streams[output.request_id]
+                    stream.put(output)
+        except BaseException as e:  # a failed step: fail every caller rather than leave them waiting
+            self._error = e
+            self._fail_all(EngineDeadError(f"engine step failed: {e!r}"))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
