@@ -26,9 +26,7 @@ def forward_logits(model, prompt: list[int], block_size: int = 16) -> torch.Tens
                                                 dtype=dtype))
     try:
         table = torch.arange(num_blocks)
-        meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode_tokens=0, decode_block_tables=None,
-                                 decode_seq_lens=None, decode_max_seq_len=0,
-                                 prefills=[PrefillSpan(0, n, 0, table)])
+        meta = AttentionMetadata(slot_mapping=torch.arange(n), decodes=None, prefills=[PrefillSpan(0, n, 0, table)])
         ids, positions = torch.tensor(prompt), torch.arange(n)
         carried = (None, None)
         with set_forward_context(meta):

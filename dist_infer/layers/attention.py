@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.layers.forward_context import get_attention_metadata
+from dist_infer.layers.native_kernels import paged_decode, paged_decode_kernel
 
 
 class GatherWorkspace:
@@ -55,6 +56,9 @@ class Attention(nn.Module):
         buffer it shares with the other layers of its model."""
         self.kv_cache = kv_cache
         self.workspace = workspace or GatherWorkspace(kv_cache.dtype, kv_cache.device)
+        self._native = None
+        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
+            self._native = paged_decode_kernel()
         num_blocks = kv_cache.shape[1]
         # Slot-indexed views for the writes: [2, num_blocks * block_size, num_kv_heads, head_dim].
         self._slots = kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
@@ -73,12 +77,12 @@ class Attention(nn.Module):
         self._slots[0].index_copy_(0, meta.slot_mapping, k)
         self._slots[1].index_copy_(0, meta.slot_mapping, v)
 
-        nd = meta.num_decode_tokens
-        if nd == T:
-            return self._decode(q, meta).reshape(T, -1)
+        decodes = meta.decodes
+        if decodes is not None and decodes.count == T:
+            return self._decode(q, decodes).reshape(T, -1)
         out = torch.empty_like(q)
-        if nd:
-            out[:nd] = self._decode(q[:nd], meta)
+        if decodes is not None:
+            out[:decodes.count] = self._decode(q[:decodes.count], decodes)
         for span in meta.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], span)
@@ -95,13 +99,16 @@ class Attention(nn.Module):
         values = torch.index_select(self._v_blocks, 0, index, out=v_out.view(-1, row)).view(shape)
         return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
 
-    def _decode(self, q: torch.Tensor, meta) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, decodes) -> torch.Tensor:
         """q [B, Hq, D] -> [B, Hq, D]. The G = Hq/Hk query heads sharing a K/V head attend as G query rows
         of that head, so K/V are never expanded."""
+        if self._native is not None:
+            return paged_decode(self._native, q, self.kv_cache[0], self.kv_cache[1], decodes.block_tables,
+                                decodes.seq_lens, self.scale, self.sliding_window)
         B = q.shape[0]
-        keys, values = self._gather(meta.decode_block_tables, meta.decode_max_seq_len)
+        keys, values = self._gather(decodes.block_tables, decodes.max_seq_len)
         grouped = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask(self.sliding_window),
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=decodes.mask(self.sliding_window),
                                              scale=self.scale)
         return out.view(B, self.num_heads, self.head_dim)
 

@@ -23,33 +23,47 @@ class PrefillSpan:
 
 
 @dataclass
-class AttentionMetadata:
-    """Where this step's tokens live in the paged KV cache.
+class DecodeBatch:
+    """The step's single-token decodes (rows [0, count) of the flat batch), attended together.
 
-    The flat batch holds ``num_decode_tokens`` single-token decodes first (one per sequence), then the
-    prefill spans. ``slot_mapping[t] = block * block_size + offset`` is where token ``t``'s K/V is written.
+    The reference path gathers their keys through block tables padded to the longest sequence.
     """
 
-    slot_mapping: torch.Tensor  # [T] int64
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with 0
-    decode_seq_lens: torch.Tensor | None  # [num_decodes] int64: keys each decode attends to, itself included
-    decode_max_seq_len: int
-    prefills: list[PrefillSpan]
-    _decode_masks: dict = field(default_factory=dict, repr=False)
+    count: int
+    block_tables: torch.Tensor  # [count, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor  # [count] int64: keys each decode attends to, itself included
+    max_seq_len: int
+    _masks: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[num_decodes, 1, 1, decode_max_seq_len] bool: which gathered keys each decode may attend to.
-        Built once per step and window, shared by every layer."""
-        mask = self._decode_masks.get(sliding_window)
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[count, 1, 1, max_seq_len] bool: which gathered keys each decode may attend to. Built once per
+        step and window, shared by every layer."""
+        mask = self._masks.get(sliding_window)
         if mask is None:
-            key_pos = torch.arange(self.decode_max_seq_len, device=self.decode_seq_lens.device).unsqueeze(0)
-            seq_lens = self.decode_seq_lens.unsqueeze(1)
+            key_pos = torch.arange(self.max_seq_len, device=self.seq_lens.device).unsqueeze(0)
+            seq_lens = self.seq_lens.unsqueeze(1)
             mask = key_pos < seq_lens
             if sliding_window is not None:
                 mask &= key_pos > seq_lens - 1 - sliding_window
-            mask = self._decode_masks[sliding_window] = mask[:, None, None, :]
+            mask = self._masks[sliding_window] = mask[:, None, None, :]
         return mask
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens live in the paged KV cache.
+
+    The flat batch holds the single-token decodes first, then the prefill spans.
+    ``slot_mapping[t] = block * block_size + offset`` is where token ``t``'s K/V is written.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    decodes: DecodeBatch | None
+    prefills: list[PrefillSpan]
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.decodes.count if self.decodes is not None else 0
 
 
 _current: AttentionMetadata | None = None

@@ -7,9 +7,10 @@ import torch
 from dist_infer.config import EngineConfig
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from dist_infer.layers.attention import Attention, GatherWorkspace
-from dist_infer.layers.forward_context import AttentionMetadata, PrefillSpan, set_forward_context
+from dist_infer.layers.forward_context import set_forward_context
 from dist_infer.layers.sampler import Sampler
 from dist_infer.model_loader.model_factory import build_model
+from dist_infer.worker.input_builder import build_step_inputs
 from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
 
 
@@ -88,64 +89,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
-        # Decodes (one new token) first, so attention can batch them in one call.
-        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
-        states = [self.requests[r] for r in order]
-        counts = [sched.num_scheduled_tokens[r] for r in order]
-        input_ids, positions, metadata, last_rows, sampled_states = self._prepare_inputs(states, counts)
-        with set_forward_context(metadata):
-            hidden = self.model(input_ids, positions)
-        if not sampled_states:
+        states = [self.requests[r] for r in sched.num_scheduled_tokens]
+        step = build_step_inputs(states, list(sched.num_scheduled_tokens.values()), self.block_size, self.device)
+        with set_forward_context(step.metadata):
+            hidden = self.model(step.input_ids, step.positions)
+        if not step.sampled:
             return ModelRunnerOutput()
-        if len(sampled_states) < hidden.shape[0]:
-            hidden = hidden[last_rows]
+        if len(step.sampled) < hidden.shape[0]:
+            hidden = hidden[step.sample_rows]
         logits = self.model.compute_logits(hidden)
-        batch = build_sampling_batch(sampled_states, self.model_config.vocab_size, self.device)
-        result = self.sampler(logits, batch)
-        return self._to_output(sampled_states, result)
-
-    def _prepare_inputs(self, states: list[CachedRequestState], counts: list[int]):
-        bs = self.block_size
-        ids, pos, slots = [], [], []
-        prefills, last_rows, sampled = [], [], []
-        decode_tables, decode_lens = [], []
-        row = 0
-        for state, n in zip(states, counts):
-            start = state.num_computed_tokens
-            end = start + n
-            ids.extend(state.token_ids[start:end])
-            pos.extend(range(start, end))
-            blocks = state.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                decode_tables.append(blocks)
-                decode_lens.append(end)
-            else:
-                prefills.append(PrefillSpan(row, n, start, torch.tensor(blocks, dtype=torch.long)))
-            if end == len(state.token_ids):  # caught up: the next token is new, sample it
-                last_rows.append(row + n - 1)
-                sampled.append(state)
-            row += n
-        dev = self.device
-        decode_block_tables = decode_seq_lens = None
-        max_len = 0
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
-            decode_seq_lens = torch.tensor(decode_lens, device=dev)
-            max_len = max(decode_lens)
-        for span in prefills:
-            span.block_table = span.block_table.to(dev)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decode_tables),
-            decode_block_tables=decode_block_tables,
-            decode_seq_lens=decode_seq_lens,
-            decode_max_seq_len=max_len,
-            prefills=prefills,
-        )
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                metadata, torch.tensor(last_rows, dtype=torch.long, device=dev), sampled)
+        batch = build_sampling_batch(step.sampled, self.model_config.vocab_size, self.device)
+        return self._to_output(step.sampled, self.sampler(logits, batch))
 
     @staticmethod
     def _to_output(states, result) -> ModelRunnerOutput:

@@ -1,0 +1,61 @@
+"""Paged attention: the native decode kernel and the PyTorch reference path agree, and both match plain
+attention over the unpaged keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_infer.layers.attention import Attention
+from dist_infer.layers.forward_context import AttentionMetadata, DecodeBatch, set_forward_context
+from dist_infer.layers.native_kernels import paged_decode_kernel
+
+
+def _paged_setup(lengths, Hk, D, bs, seed=0):
+    """A shuffled block pool holding random keys/values for sequences of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // bs) for n in lengths]
+    num_blocks = sum(blocks) + 3
+    cache = torch.randn(2, num_blocks, bs, Hk, D, generator=g)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for nb in blocks:
+        tables.append(order[at:at + nb])
+        at += nb
+    return cache, tables
+
+
+def _reference(q, cache, tables, lengths, scale, window):
+    """Plain attention per sequence over its keys taken in order from its blocks."""
+    outs = []
+    Hq, Hk = q.shape[1], cache.shape[3]
+    for i, (table, n) in enumerate(zip(tables, lengths)):
+        keys = cache[0][table].flatten(0, 1)[:n]  # [n, Hk, D]
+        values = cache[1][table].flatten(0, 1)[:n]
+        first = max(0, n - window) if window else 0
+        k = keys[first:].transpose(0, 1).repeat_interleave(Hq // Hk, 0)
+        v = values[first:].transpose(0, 1).repeat_interleave(Hq // Hk, 0)
+        outs.append(F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, scale=scale).squeeze(1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("Hq,Hk,D,bs,window", [(9, 3, 64, 16, None), (4, 4, 32, 8, None), (8, 1, 16, 4, 7),
+                                                (6, 2, 8, 16, 20)])
+def test_decode_paths_match_plain_attention(monkeypatch, native, Hq, Hk, D, bs, window):
+    monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1" if native else "0")
+    if native and paged_decode_kernel() is None:
+        pytest.skip("no C compiler for the native kernel on this machine")
+    lengths = [1, 5, bs, bs + 1, 3 * bs - 1, 77]
+    cache, tables = _paged_setup(lengths, Hk, D, bs)
+    layer = Attention(Hq, D, Hk, scale=D ** -0.5, sliding_window=window)
+    layer.bind_kv_cache(cache)
+    assert (layer._native is not None) == native
+    width = max(len(t) for t in tables)
+    batch = DecodeBatch(len(lengths), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                        torch.tensor(lengths), max(lengths))
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(1))
+    with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
+        ours = layer._decode(q, batch)
+    torch.testing.assert_close(ours, _reference(q, cache, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)
