@@ -174,36 +174,90 @@ class SchedulerConfig:
 
 
 _BACKENDS = ("uni", "mp", "ray", "torchrun", "external_launcher")
+_PLACEMENTS = ("PACK", "SPREAD")
 
 
 @dataclass
 class ParallelConfig:
-    """world = data_parallel_size x pipeline_parallel_size x tensor_parallel_size."""
+    """world = data_parallel_size x pipeline_parallel_size x tensor_parallel_size workers.
+
+    ``distributed_executor_backend``: ``uni`` (one process; the default for a single worker), ``mp`` (local
+    worker processes; the default otherwise), ``ray`` (one actor per worker in placement groups; connects
+    to ``ray_address``, or to a running cluster, or starts a local one) or ``torchrun`` (alias
+    ``external_launcher``: processes started by torchrun, rank 0 coordinating). ``pipeline_layer_partition``
+    gives each stage's layer count (default: as even as possible, earlier stages taking the remainder).
+    ``pipeline_placement`` for Ray: ``PACK`` puts a replica's stages on as few nodes as possible, ``SPREAD``
+    puts each stage on a node of its own; each tensor-parallel group always stays inside one node.
+    A worker that does not answer within ``worker_timeout_s`` seconds is reported as hung.
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    pipeline_layer_partition: list[int] | None = None
+    ray_address: str | None = None
+    pipeline_placement: str = "PACK"
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.distributed_executor_backend is not None and self.distributed_executor_backend not in _BACKENDS:
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in _BACKENDS:
+            raise ValueError(f"distributed_executor_backend={backend!r} is not one of {', '.join(_BACKENDS)}")
+        if backend == "external_launcher":
+            backend = "torchrun"
+        if backend is None:
+            backend = "uni" if self.world_size == 1 else "mp"
+        if backend == "uni" and self.world_size > 1:
             raise ValueError(
-                f"distributed_executor_backend={self.distributed_executor_backend!r} is not one of {', '.join(_BACKENDS)}"
+                f"distributed_executor_backend='uni' runs one worker, but tensor x pipeline x data parallel "
+                f"sizes ask for {self.world_size}; use 'mp', 'ray' or 'torchrun'"
             )
-        if self.world_size > 1 or self.distributed_executor_backend not in (None, "uni"):
-            raise NotImplementedError(
-                "tensor, pipeline and data parallelism arrive with the distributed executors; "
-                "this build runs tensor_parallel_size=pipeline_parallel_size=data_parallel_size=1 "
-                "with distributed_executor_backend='uni'"
-            )
+        self.distributed_executor_backend = backend
+        if self.pipeline_placement not in _PLACEMENTS:
+            raise ValueError(f"pipeline_placement must be one of {', '.join(_PLACEMENTS)}, got {self.pipeline_placement!r}")
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
+        partition = self.pipeline_layer_partition
+        if partition is not None:
+            partition = list(partition)
+            if len(partition) != self.pipeline_parallel_size or any(
+                    not isinstance(n, int) or n < 1 for n in partition):
+                raise ValueError(
+                    f"pipeline_layer_partition={partition} must hold {self.pipeline_parallel_size} positive layer "
+                    f"counts, one per pipeline stage"
+                )
+            self.pipeline_layer_partition = partition
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """[start, end) of the layers of each pipeline stage."""
+        pp = self.pipeline_parallel_size
+        counts = self.pipeline_layer_partition
+        if counts is None:
+            counts = [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
+        elif sum(counts) != num_layers:
+            raise ValueError(
+                f"pipeline_layer_partition={counts} sums to {sum(counts)}, but the model has {num_layers} layers"
+            )
+        ranges, start = [], 0
+        for n in counts:
+            ranges.append((start, start + n))
+            start += n
+        return ranges
+
+
+def valid_tensor_parallel_sizes(num_heads: int, num_kv_heads: int, intermediate_size: int) -> list[int]:
+    """Sizes that split the query heads and the MLP evenly and either split or replicate the K/V heads."""
+    return [t for t in range(1, num_heads + 1)
+            if num_heads % t == 0 and intermediate_size % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
 
 
 @dataclass
@@ -214,3 +268,22 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        """Checks the parallel layout against the model before any worker starts."""
+        model, parallel = self.model_config, self.parallel_config
+        tp = parallel.tensor_parallel_size
+        intermediate = model.hf_config.intermediate_size
+        valid = valid_tensor_parallel_sizes(model.num_heads, model.num_kv_heads, intermediate)
+        if tp not in valid:
+            raise ValueError(
+                f"tensor_parallel_size={tp} does not fit this model (num_attention_heads={model.num_heads}, "
+                f"num_key_value_heads={model.num_kv_heads}, intermediate_size={intermediate}); "
+                f"valid sizes: {', '.join(map(str, valid))}"
+            )
+        if parallel.pipeline_parallel_size > model.num_layers:
+            raise ValueError(
+                f"pipeline_parallel_size={parallel.pipeline_parallel_size} exceeds the model's "
+                f"{model.num_layers} layers"
+            )
+        parallel.layer_ranges(model.num_layers)  # raises on a partition that does not add up

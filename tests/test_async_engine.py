@@ -52,7 +52,7 @@ def test_short_request_streams_while_a_long_prompt_is_still_in_prefill(engine):
             if short_first is None:
                 # Read right after the short request's first token arrived: the long prompt is still being
                 # computed in chunks of at most 8 tokens per step.
-                short_first = engine.engine.scheduler.requests["long"].num_computed_tokens
+                short_first = engine.engine.cores[0].scheduler.requests["long"].num_computed_tokens
                 events.append(("short", 1))
         await long_task
         return short_first

@@ -30,7 +30,7 @@ def test_batched_equals_one_at_a_time_under_tight_limits(tiny_path):
                 num_gpu_blocks_override=20, block_size=8)
     outputs = tight.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
-    assert tight.engine.kv_cache_manager.num_free_blocks == 20
+    assert tight.engine.get_stats().kv_blocks_free == 20
 
 
 def test_step_loop_with_late_arrivals_and_abort(tiny_path):
@@ -53,7 +53,8 @@ def test_step_loop_with_late_arrivals_and_abort(tiny_path):
         if not engine.has_unfinished_requests():
             break
     assert finished == {"a": reference[0], "b": reference[1]}
-    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
+    stats = engine.get_stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
 def test_incremental_detokenizer_matches_full_decode(default_model_path):

@@ -20,6 +20,10 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    pipeline_layer_partition: list[int] | None = None
+    ray_address: str | None = None
+    pipeline_placement: str = "PACK"
+    worker_timeout_s: float = 300.0
     block_size: int = 16
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -40,7 +44,8 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
-                                  self.distributed_executor_backend)
+                                  self.distributed_executor_backend, self.pipeline_layer_partition, self.ray_address,
+                                  self.pipeline_placement, self.worker_timeout_s)
         model = ModelConfig(self.model, self.tokenizer, self.dtype, self.seed, self.max_model_len,
                             self.skip_tokenizer_init)
         cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -60,7 +65,15 @@ class EngineArgs:
         g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
         g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
         g.add_argument("--data-parallel-size", "--dp", type=int, default=1)
-        g.add_argument("--distributed-executor-backend", "--executor", default=None)
+        g.add_argument("--distributed-executor-backend", "--executor", default=None,
+                       help="uni, mp, ray or torchrun (default: uni for one worker, else mp)")
+        g.add_argument("--pipeline-layer-partition", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                       help="layers per pipeline stage, comma-separated (default: even split)")
+        g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a running one, else local)")
+        g.add_argument("--pipeline-placement", default="PACK", choices=["PACK", "SPREAD"],
+                       help="Ray: keep a replica's stages together (PACK) or one node per stage (SPREAD)")
+        g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=300.0,
+                       help="seconds before a silent worker is reported as hung")
         g.add_argument("--block-size", type=int, default=16)
         g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -10,6 +10,9 @@ leaves room in each step for newly arrived requests. A waiting request starts fr
 KV cache already holds. When a running request needs a block and none is free, the running request with
 the lowest priority (highest value) that arrived last is preempted: its blocks go back to the pool and it
 waits to be recomputed later; no new request is admitted in that step.
+
+With pipeline parallelism several steps are in flight at once; a request scheduled in a step that has not
+come back yet sits out (and cannot be preempted) until it does, so in-flight steps hold disjoint requests.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Scheduler:
         self.stats = SchedulerStats(kv_blocks_total=kv.num_blocks)
         self._seq = itertools.count()
         self._finished_since_last_step: set[str] = set()
+        self._in_flight: set[str] = set()  # requests of steps not yet returned
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -94,6 +98,10 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def outstanding_work(self) -> int:
+        """Tokens still to compute or generate for every unfinished request (for load balancing)."""
+        return sum(r.max_total_tokens - r.num_computed_tokens for r in self.requests.values())
+
     def get_stats(self) -> SchedulerStats:
         stats = self.stats
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
@@ -117,14 +125,14 @@ class Scheduler:
         for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if budget == 0:
                 break
-            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
+            if request.status != RequestStatus.RUNNING or request.request_id in self._in_flight:
+                continue  # preempted earlier in this loop, or still in a step that has not returned
             n = self._chunk(request, budget)
             if n <= 0:
                 continue
             while (blocks := self.kv.allocate_slots(request.request_id, request.token_ids,
                                                     request.num_computed_tokens, n)) is None:
-                victim = max(self.running, key=lambda r: r.sort_key)
+                victim = max((r for r in self.running if r.request_id not in self._in_flight), key=lambda r: r.sort_key)
                 self._preempt(victim)
                 preempted = True
                 if victim.request_id in scheduled:
@@ -158,6 +166,7 @@ class Scheduler:
             budget -= n
 
         out = self._build_output(scheduled, new_blocks, admitted)
+        self._in_flight.update(scheduled)
         if not out.num_scheduled_tokens:
             # Nothing runs, so the workers will not see this output; tell them about finished ones next time.
             self._finished_since_last_step |= out.finished_req_ids
@@ -191,6 +200,7 @@ class Scheduler:
         stats.num_steps += 1
         stats.last_step_tokens = scheduled.total_num_scheduled_tokens
         for request_id, n in scheduled.num_scheduled_tokens.items():
+            self._in_flight.discard(request_id)
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue

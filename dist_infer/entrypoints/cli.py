@@ -67,6 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_worker(argv: list[str]) -> int:
+    """A non-coordinator rank under torchrun: the same engine configuration, then the worker loop."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not debug:
+        _quiet_libraries()
+    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.executor.torchrun import worker_loop
+
+    try:
+        worker_loop(EngineArgs.from_cli_args(args).create_engine_config())
+    except Exception as e:
+        if debug:
+            raise
+        print(f"dist-infer: error on rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -91,23 +110,24 @@ def _generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
                             seed=args.seed)
-    llm = LLM(**vars(engine_args))
-    tokenizer = llm.get_tokenizer()
-    use_chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
-    prompts = []
-    for text in args.prompts:
-        if use_chat:
-            templated = apply_chat_template(tokenizer, [{"role": "user", "content": text}])
-            prompts.append({"prompt": templated, "prompt_token_ids": tokenizer.encode(templated, add_special_tokens=False)})
-        else:
-            prompts.append(text)
-    if args.stream:
-        for i, prompt in enumerate(prompts):
-            if i:
-                print()
-            _stream_one(llm, prompt, params)
-        return 0
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(**vars(engine_args)) as llm:
+        tokenizer = llm.get_tokenizer()
+        use_chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
+        prompts = []
+        for text in args.prompts:
+            if use_chat:
+                templated = apply_chat_template(tokenizer, [{"role": "user", "content": text}])
+                prompts.append({"prompt": templated,
+                                "prompt_token_ids": tokenizer.encode(templated, add_special_tokens=False)})
+            else:
+                prompts.append(text)
+        if args.stream:
+            for i, prompt in enumerate(prompts):
+                if i:
+                    print()
+                _stream_one(llm, prompt, params)
+            return 0
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     for i, output in enumerate(outputs):
         if len(outputs) > 1:
             print(f"[{i}] ", end="")

@@ -1,27 +1,90 @@
-"""The one interface every executor offers the engine."""
+"""The one interface every executor offers the engine, and the errors it raises.
+
+An executor moves calls to workers and results back, and nothing else: ``collective_rpc`` calls a method
+on workers and waits; ``execute_model`` hands one scheduler output to the workers of a data-parallel
+replica and returns a future of the sampled tokens, so that up to ``max_concurrent_batches`` steps can be
+in flight (one per pipeline stage).
+"""
 
 from __future__ import annotations
 
+import traceback
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from typing import Any, Callable
 
+from dist_infer.config import EngineConfig
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
+from dist_infer.worker.worker import layout_of
+
+Method = str | Callable[..., Any]  # a Worker method name, or a function called as fn(worker, *args)
+
+
+class WorkerError(RuntimeError):
+    """A worker failed: it raised, died, or did not answer in time. Names the rank and its place."""
+
+    def __init__(self, rank: int, coords: tuple[int, int, int], what: str, detail: str):
+        dp, pp, tp = coords
+        self.rank = rank
+        super().__init__(f"worker rank {rank} (dp {dp}, pp {pp}, tp {tp}) failed in {what}: {detail.strip()}")
+
+
+def run_method(worker, method: Method, args: tuple, kwargs: dict):
+    """Worker-side dispatch of an RPC."""
+    if callable(method):
+        return method(worker, *args, **kwargs)
+    return getattr(worker, method)(*args, **kwargs)
+
+
+def format_failure(exc: BaseException) -> str:
+    """What travels back from a worker: the exception and where it came from, briefly."""
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return "".join(lines[-6:])
 
 
 class Executor(ABC):
-    @abstractmethod
-    def collective_rpc(self, method: str, *args, **kwargs) -> list:
-        """Calls ``method`` on every worker; returns their results in rank order."""
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.layout = layout_of(config)
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Runs one step; returns the sampled tokens."""
+    def collective_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list:
+        """Calls ``method`` on the given workers (default: all); their results in rank order."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
+        """Starts one step on a replica; the future holds what its sampling rank returned."""
 
     def determine_num_blocks(self) -> int:
         # Every worker must hold the same blocks, so the smallest budget wins.
         return min(self.collective_rpc("determine_num_blocks"))
 
     def initialize_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_cache", num_blocks)
+        self.collective_rpc("initialize_cache", (num_blocks,))
 
     def shutdown(self) -> None:
         pass
+
+
+def create_executor(config: EngineConfig) -> Executor:
+    backend = config.parallel_config.distributed_executor_backend
+    if backend == "uni":
+        from dist_infer.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor(config)
+    if backend == "mp":
+        from dist_infer.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    if backend == "ray":
+        from dist_infer.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    from dist_infer.executor.torchrun import TorchrunExecutor
+
+    return TorchrunExecutor(config)

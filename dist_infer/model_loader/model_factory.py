@@ -18,6 +18,8 @@ def build_model(model_config: ModelConfig, device: torch.device, layer_range: tu
         model = cls(model_config.hf_config, model_config.torch_dtype, model_config.max_model_len,
                     layer_range=layer_range, is_first=is_first, is_last=is_last)
     load_weights(model, model_config.model)
+    # Bytes this rank holds, counted as loaded (before any repacking); a tied table counts once.
+    model.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from dist_infer.config import EngineConfig
+from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group
+from dist_infer.distributed.pipeline_comm import PipelineComm
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from dist_infer.layers.attention import Attention, GatherWorkspace
 from dist_infer.layers.forward_context import set_forward_context
@@ -15,12 +17,25 @@ from dist_infer.worker.request_state import CachedRequestState, build_sampling_b
 
 
 class ModelRunner:
+    """Runs this worker's part of the model. On a pipeline stage other than the first, the step's input
+    activations arrive from the previous stage; other than the last, the output goes on to the next one.
+    The last stage computes logits (gathered over tensor-parallel ranks) and its tensor-parallel rank 0
+    samples."""
+
     def __init__(self, config: EngineConfig, device: torch.device):
         self.config = config
         self.model_config = config.model_config
         self.device = device
         self.block_size = config.cache_config.block_size
-        self.model = build_model(self.model_config, device)
+        pp, tp = get_pp_group(), get_tp_group()
+        self.is_first, self.is_last = pp.is_first, pp.is_last
+        self.samples = self.is_last and tp.is_first
+        layer_range = config.parallel_config.layer_ranges(self.model_config.num_layers)[pp.rank_in_group]
+        self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last)
+        self.pp_comm = None
+        if pp.world_size > 1:
+            self.pp_comm = PipelineComm(pp, self.model_config.hf_config.hidden_size, self.model_config.torch_dtype,
+                                        device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
@@ -87,17 +102,26 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """The sampled tokens on the sampling rank; None on every other rank."""
         self._update_states(sched)
         states = [self.requests[r] for r in sched.num_scheduled_tokens]
         step = build_step_inputs(states, list(sched.num_scheduled_tokens.values()), self.block_size, self.device)
+        carried = (None, None)
+        if not self.is_first:
+            carried = self.pp_comm.recv(step.input_ids.shape[0])
         with set_forward_context(step.metadata):
-            hidden = self.model(step.input_ids, step.positions)
+            hidden = self.model(step.input_ids, step.positions, *carried)
+        if not self.is_last:
+            self.pp_comm.send(*hidden)
+            return None
         if not step.sampled:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput() if self.samples else None
         if len(step.sampled) < hidden.shape[0]:
             hidden = hidden[step.sample_rows]
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)  # every tensor-parallel rank joins the gather
+        if not self.samples:
+            return None
         batch = build_sampling_batch(step.sampled, self.model_config.vocab_size, self.device)
         return self._to_output(step.sampled, self.sampler(logits, batch))
 

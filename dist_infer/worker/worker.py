@@ -1,29 +1,68 @@
-"""A worker process's entry points: set up the device, load the model, size and allocate the KV cache, run steps."""
+"""One worker: its device and threads, its place in the process groups, its stage of the model, its KV cache.
+
+Executors create workers (in this process, in child processes, in Ray actors, or under torchrun) and call
+these methods; everything a worker needs to know arrives in the engine config and its rank.
+"""
 
 from __future__ import annotations
+
+import os
+import resource
 
 import torch
 
 from dist_infer.config import EngineConfig
+from dist_infer.distributed.parallel_state import RankLayout, get_pp_group, get_tp_group, init_distributed
 from dist_infer.engine.kv_cache_manager import cdiv
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
 from dist_infer.worker.memory import kv_cache_budget
 from dist_infer.worker.model_runner import ModelRunner
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def layout_of(config: EngineConfig) -> RankLayout:
+    p = config.parallel_config
+    return RankLayout(p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size)
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, device: torch.device | None = None):
-        self.config = config
-        self.device = device or default_device()
+    def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, local_rank: int = 0,
+                 num_threads: int | None = None, device: torch.device | None = None):
+        self.config, self.rank = config, rank
+        self.device = device or pick_device(local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        layout = layout_of(config)
+        if layout.world_size > 1:
+            init_distributed(layout, rank, init_method, self.device, config.parallel_config.worker_timeout_s)
         # Unseeded requests draw from the global generator: seeding it makes whole runs repeatable.
         torch.manual_seed(config.model_config.seed)
+        rss_before = _rss_bytes()
         self.runner = ModelRunner(config, self.device)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.load_report = {
+            "rank": rank,
+            "tp_rank": get_tp_group().rank_in_group,
+            "pp_rank": get_pp_group().rank_in_group,
+            "parameter_bytes": self.runner.model.parameter_bytes,
+            "load_peak_rss_increase": max(0, peak - rss_before),
+            "pid": os.getpid(),
+        }
+
+    def memory_report(self) -> dict:
+        return dict(self.load_report)
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache_config
@@ -43,5 +82,12 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         return self.runner.execute_model(scheduler_output)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def fail(self, message: str) -> None:
+        """Raises on purpose: lets tests check that a worker's error reaches the coordinator."""
+        raise RuntimeError(message)

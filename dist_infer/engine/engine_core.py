@@ -1,0 +1,43 @@
+"""One data-parallel replica's engine core: its scheduler, its KV cache, and its steps in flight.
+
+With pipeline parallelism the core keeps up to ``max_concurrent_batches`` (= the number of stages) steps
+in flight, each over requests the others do not hold, so every stage has work: while stage 1 runs step k,
+stage 0 runs step k+1.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+
+from dist_infer.config import EngineConfig
+from dist_infer.engine.kv_cache_manager import KVCacheManager
+from dist_infer.engine.messages import EngineCoreOutput, SchedulerOutput
+from dist_infer.engine.scheduler import Scheduler
+from dist_infer.executor.base import Executor
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, num_blocks: int, replica: int, executor: Executor):
+        self.replica, self.executor = replica, executor
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.cache_config.block_size,
+                                               config.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, config.model_config.max_model_len)
+        self.in_flight: deque[tuple[SchedulerOutput, Future]] = deque()
+
+    def fill_pipeline(self) -> None:
+        """Schedules and starts steps until the pipeline is full or nothing more can run."""
+        while len(self.in_flight) < self.executor.max_concurrent_batches:
+            scheduled = self.scheduler.schedule()
+            if not scheduled.num_scheduled_tokens:
+                return
+            self.in_flight.append((scheduled, self.executor.execute_model(scheduled, self.replica)))
+
+    @property
+    def oldest(self) -> Future | None:
+        return self.in_flight[0][1] if self.in_flight else None
+
+    def finish_oldest(self) -> list[EngineCoreOutput]:
+        """Applies the oldest step's result (it must be done); raises the worker's error if it failed."""
+        scheduled, future = self.in_flight.popleft()
+        return self.scheduler.update_from_output(scheduled, future.result())

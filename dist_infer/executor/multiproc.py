@@ -1,0 +1,149 @@
+"""Workers as local child processes (``distributed_executor_backend="mp"``).
+
+Each worker is a spawned process with a pipe to the coordinator. A sender thread writes calls to the pipe
+(so the coordinator never blocks on a busy worker) and a reader thread resolves the calls' futures in order
+as replies arrive. A worker that dies fails its pending calls at once with its exit code; a worker whose
+parent dies is killed by the kernel (PR_SET_PDEATHSIG), so no process outlives the coordinator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+from collections import deque
+from concurrent.futures import Future
+
+from dist_infer.config import EngineConfig
+from dist_infer.distributed.utils import get_open_port, tcp_init_method
+from dist_infer.executor.base import format_failure, run_method
+from dist_infer.executor.distributed import DistributedExecutor, WorkerHandle
+
+_SHUTDOWN = None
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_rank: int, num_threads: int) -> None:
+    _die_with_parent()
+    from dist_infer.distributed.parallel_state import destroy_distributed
+    from dist_infer.worker.worker import Worker
+
+    try:
+        worker = Worker(config, rank, init_method, local_rank, num_threads)
+    except BaseException as e:
+        conn.send(("error", format_failure(e)))
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the coordinator is gone
+            break
+        if message is _SHUTDOWN:
+            break
+        method, args, kwargs = message
+        try:
+            reply = ("ok", run_method(worker, method, args, kwargs))
+        except BaseException as e:
+            reply = ("error", format_failure(e))
+        conn.send(reply)
+    destroy_distributed()
+
+
+class ProcessWorker(WorkerHandle):
+    def __init__(self, ctx, config: EngineConfig, rank: int, coords, init_method: str, local_rank: int,
+                 num_threads: int):
+        super().__init__(rank, coords)
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, name=f"dist-infer-worker-{rank}", daemon=True,
+                                   args=(child, config, rank, init_method, local_rank, num_threads))
+        self.process.start()
+        child.close()
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[Future, str]] = deque()
+        self._dead: str | None = None
+        self.ready: Future = Future()  # the first reply: the worker is built (or failed to load)
+        self._pending.append((self.ready, "load"))
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._send_loop, name=f"dist-infer-send-{rank}", daemon=True).start()
+        threading.Thread(target=self._recv_loop, name=f"dist-infer-recv-{rank}", daemon=True).start()
+
+    def call(self, method, args=(), kwargs=None) -> Future:
+        future: Future = Future()
+        what = method if isinstance(method, str) else getattr(method, "__name__", "rpc")
+        with self._lock:
+            if self._dead is not None:
+                future.set_exception(self.error(what, self._dead))
+                return future
+            self._pending.append((future, what))
+            self._outbox.put((method, args, kwargs or {}))
+        return future
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._outbox.get()
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                return
+            if message is _SHUTDOWN:
+                return
+
+    def _recv_loop(self) -> None:
+        while True:
+            try:
+                status, payload = self.conn.recv()
+            except (EOFError, OSError):
+                self.process.join(timeout=2)
+                self._fail_all(f"the worker process exited (exit code {self.process.exitcode})")
+                return
+            with self._lock:
+                future, what = self._pending.popleft()
+            if status == "ok":
+                future.set_result(payload)
+            else:
+                future.set_exception(self.error(what, payload))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self._dead = reason
+            pending, self._pending = list(self._pending), deque()
+        for future, what in pending:
+            if not future.done():
+                future.set_exception(self.error(what, reason))
+
+    def shutdown(self) -> None:
+        if self.process.is_alive():
+            self._outbox.put(_SHUTDOWN)
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+        self.conn.close()
+
+
+class MultiprocExecutor(DistributedExecutor):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        ctx = mp.get_context("spawn")
+        world = self.layout.world_size
+        init_method = tcp_init_method("127.0.0.1", get_open_port())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // world)  # workers share this machine's cores without oversubscribing them
+        self.handles = [ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank, threads)
+                        for rank in range(world)]
+        try:
+            self.wait_all([h.ready for h in self.handles], list(range(world)), "load")
+        except BaseException:
+            self.shutdown()
+            raise

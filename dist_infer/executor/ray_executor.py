@@ -1,0 +1,222 @@
+"""Workers as Ray actors in placement groups (``distributed_executor_backend="ray"``).
+
+Placement: one placement group per (replica, pipeline stage) holding that stage's tensor-parallel workers,
+one bundle each, ``STRICT_PACK`` so a tensor-parallel group never spans nodes. With
+``pipeline_placement="SPREAD"`` each later stage of a replica is kept off the nodes of its earlier stages
+(through the ``ray.io/node-id`` label). Bundles ask for one GPU per worker where the cluster has GPUs,
+else CPUs; an actor's threads follow the CPUs Ray gave it, and Ray's ``CUDA_VISIBLE_DEVICES`` picks its GPU.
+
+The executor joins the cluster at ``ray_address``, else a running one (``address="auto"``), else starts a
+local Ray instance, which it shuts down again on ``shutdown()``. Actors and placement groups are always
+removed on shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+
+from dist_infer.config import EngineConfig
+from dist_infer.distributed.utils import get_ip, get_open_port, tcp_init_method
+from dist_infer.engine.messages import SchedulerOutput
+from dist_infer.executor.base import format_failure, run_method
+from dist_infer.executor.distributed import DistributedExecutor, WorkerHandle
+
+
+class RayWorkerActor:
+    """Hosts one Worker inside a Ray actor; errors travel back as text so they need no pickling of their own."""
+
+    def __init__(self):
+        self.worker = None
+
+    def node_info(self) -> dict:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "ip": get_ip(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def free_port(self) -> int:
+        return get_open_port()
+
+    def init_worker(self, config: EngineConfig, rank: int, init_method: str) -> tuple[str, object]:
+        from dist_infer.worker.worker import Worker
+
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+        try:
+            self.worker = Worker(config, rank, init_method, local_rank=0, num_threads=threads)
+        except BaseException as e:
+            return "error", format_failure(e)
+        return "ok", None
+
+    def call(self, method, args, kwargs) -> tuple[str, object]:
+        import ray
+
+        try:
+            # A scheduler output arrives as a reference to the one stored copy.
+            args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+            return "ok", run_method(self.worker, method, args, kwargs)
+        except BaseException as e:
+            return "error", format_failure(e)
+
+
+class RayWorker(WorkerHandle):
+    def __init__(self, actor, rank: int, coords):
+        super().__init__(rank, coords)
+        self.actor = actor
+
+    def _wrap(self, ref, what: str) -> Future:
+        """Turns the actor's ("ok"/"error", payload) reply, or its death, into a future."""
+        import ray
+
+        outer: Future = Future()
+
+        def settle(inner: Future) -> None:
+            try:
+                status, payload = inner.result()
+            except ray.exceptions.RayActorError as e:
+                outer.set_exception(self.error(what, f"the actor died ({type(e).__name__}: {e})"))
+                return
+            except BaseException as e:
+                outer.set_exception(self.error(what, format_failure(e)))
+                return
+            if status == "ok":
+                outer.set_result(payload)
+            else:
+                outer.set_exception(self.error(what, payload))
+
+        ref.future().add_done_callback(settle)
+        return outer
+
+    def call(self, method, args=(), kwargs=None) -> Future:
+        what = method if isinstance(method, str) else getattr(method, "__name__", "rpc")
+        return self._wrap(self.actor.call.remote(method, args, kwargs or {}), what)
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actor)
+        except Exception:  # already gone
+            pass
+
+
+class RayExecutor(DistributedExecutor):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        import ray
+
+        self._started_ray = self._connect(config.parallel_config.ray_address, self.layout.world_size)
+        self.placement_groups, self.handles = [], []
+        try:
+            self._start_workers(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @staticmethod
+    def _connect(address: str | None, world_size: int) -> bool:
+        """Joins a cluster; True when this executor started a local one (and must stop it)."""
+        import ray
+
+        if ray.is_initialized():
+            return False
+        if address is not None:
+            ray.init(address=address, log_to_driver=False)
+            return False
+        try:
+            ray.init(address="auto", log_to_driver=False)
+            return False
+        except (ConnectionError, RuntimeError, ValueError):
+            # A local instance offers a CPU slot per worker even on a smaller machine; the workers then share
+            # its cores, each with one thread.
+            ray.init(num_cpus=max(os.cpu_count() or 1, world_size), log_to_driver=False, include_dashboard=False)
+            return True
+
+    def _check_fits(self, bundle: dict) -> None:
+        """Fails at once, naming what is missing, when no placement could ever satisfy the layout."""
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        need_total = {k: v * self.layout.world_size for k, v in bundle.items()}
+        have_total = {k: sum(n.get(k, 0) for n in nodes) for k in bundle}
+        best_node = {k: max((n.get(k, 0) for n in nodes), default=0) for k in bundle}
+        stage = {k: v * self.layout.tp for k, v in bundle.items()}
+        if any(have_total[k] < need_total[k] for k in bundle) or any(best_node[k] < stage[k] for k in bundle):
+            raise RuntimeError(
+                f"the Ray cluster cannot hold this layout: {self.layout.world_size} workers need {need_total} in all "
+                f"and {stage} on one node per tensor-parallel group; the cluster has {have_total} in all, at most "
+                f"{best_node} on one node"
+            )
+
+    def _bundle(self) -> dict:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return {"GPU": 1, "CPU": 1} if gpus >= 1 else {"CPU": 1}
+
+    def _start_workers(self, config: EngineConfig) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        layout, parallel = self.layout, config.parallel_config
+        bundle = self._bundle()
+        self._check_fits(bundle)
+        actor_cls = ray.remote(RayWorkerActor)
+        actors: dict[int, object] = {}
+        for d in range(layout.dp):
+            used_nodes: list[str] = []
+            for p in range(layout.pp):
+                selector = None
+                if parallel.pipeline_placement == "SPREAD" and used_nodes:
+                    selector = [{"ray.io/node-id": f"!in({','.join(used_nodes)})"}] * layout.tp
+                pg = placement_group([dict(bundle)] * layout.tp, strategy="STRICT_PACK",
+                                     bundle_label_selector=selector)
+                self.placement_groups.append(pg)
+                ready, _ = ray.wait([pg.ready()], timeout=parallel.worker_timeout_s)
+                if not ready:
+                    raise RuntimeError(
+                        f"Ray could not place replica {d} stage {p} ({layout.tp} x {bundle}, one node"
+                        f"{', apart from its other stages' if selector else ''}) within {parallel.worker_timeout_s:.0f}s; "
+                        f"cluster resources: {ray.available_resources()}"
+                    )
+                for t in range(layout.tp):
+                    rank = layout.rank(d, p, t)
+                    actors[rank] = actor_cls.options(
+                        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=t),
+                    ).remote()
+                used_nodes.append(ray.get(actors[layout.rank(d, p, 0)].node_info.remote())["node_id"])
+        self.handles = [RayWorker(actors[r], r, layout.coords(r)) for r in range(layout.world_size)]
+        master = self.handles[0].actor
+        ip = ray.get(master.node_info.remote())["ip"]
+        init_method = tcp_init_method(ip, ray.get(master.free_port.remote()))
+        loads = [h._wrap(h.actor.init_worker.remote(config, h.rank, init_method), "load") for h in self.handles]
+        self.wait_all(loads, list(range(layout.world_size)), "load")
+
+    def prepare_payload(self, scheduler_output: SchedulerOutput):
+        import ray
+
+        return ray.put(scheduler_output)  # stored once, fetched by every worker of the replica
+
+    def node_ids(self) -> list[str]:
+        """The node each worker runs on, in rank order (as the workers themselves report it)."""
+        import ray
+
+        return [info["node_id"] for info in ray.get([h.actor.node_info.remote() for h in self.handles])]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        super().shutdown()
+        for pg in getattr(self, "placement_groups", []):
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already removed
+                pass
+        self.placement_groups = []
+        if getattr(self, "_started_ray", False) and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False

@@ -1,0 +1,27 @@
+"""Entry point for torchrun: ``torchrun --nproc-per-node N -m dist_infer.launch generate --tp N "prompt"``.
+
+Takes the ``dist-infer`` command line. Rank 0 runs the command as the coordinator (its output is the
+command's output); every other rank builds the same engine configuration from the same arguments and runs
+the worker loop until rank 0 is done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--executor" not in argv and "--distributed-executor-backend" not in argv:
+        argv += ["--distributed-executor-backend", "torchrun"]
+    rank = int(os.environ.get("RANK", "0"))
+    from dist_infer.entrypoints import cli
+
+    if rank == 0:
+        return cli.main(argv)
+    return cli.run_worker(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
