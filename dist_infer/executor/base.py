@@ -37,9 +37,10 @@ def run_method(worker, method: Method, args: tuple, kwargs: dict):
 
 
 def format_failure(exc: BaseException) -> str:
-    """What travels back from a worker: the exception and where it came from, briefly."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return "".join(lines[-6:])
+    """What travels back from a worker: the exception on one line, then where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 class Executor(ABC):

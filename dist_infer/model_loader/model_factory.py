@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -11,16 +13,19 @@ from dist_infer.models.registry import get_model_class
 
 
 def build_model(model_config: ModelConfig, device: torch.device, layer_range: tuple[int, int] | None = None,
-                is_first: bool = True, is_last: bool = True) -> nn.Module:
+                is_first: bool = True, is_last: bool = True, after_each: Callable[[], None] | None = None) -> nn.Module:
+    """``after_each`` runs after every loaded tensor and every repacked module."""
     cls = get_model_class(model_config.hf_config)
     # Parameters are created empty on the target device and filled straight from the mapped files.
     with torch.device(device):
         model = cls(model_config.hf_config, model_config.torch_dtype, model_config.max_model_len,
                     layer_range=layer_range, is_first=is_first, is_last=is_last)
-    load_weights(model, model_config.model)
+    load_weights(model, model_config.model, after_each)
     # Bytes this rank holds, counted as loaded (before any repacking); a tied table counts once.
     model.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
+            if after_each is not None:
+                after_each()
     return model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 
 from safetensors import safe_open
 from torch import nn
@@ -43,8 +44,9 @@ def checkpoint_files(folder: str) -> dict[str, list[str]]:
     raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def load_weights(model: nn.Module, folder: str) -> None:
-    """Fills every parameter of ``model`` from the checkpoint in ``folder``."""
+def load_weights(model: nn.Module, folder: str, after_each: Callable[[], None] | None = None) -> None:
+    """Fills every parameter of ``model`` from the checkpoint in ``folder``; ``after_each`` runs after every
+    tensor (to watch memory, say)."""
     params = dict(model.named_parameters())
     loaded: dict[str, set] = defaultdict(set)
     for path, listed in checkpoint_files(folder).items():
@@ -64,6 +66,8 @@ def load_weights(model: nn.Module, folder: str) -> None:
                     except ValueError as e:
                         raise ValueError(f"tensor {name!r}: {e}") from None
                     loaded[param_name].add(shard_id)
+                if targets and after_each is not None:
+                    after_each()
     missing = [
         name for name in params
         if not model.expected_shards(name) <= loaded.get(name, set())

@@ -21,6 +21,34 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def anon_rss_bytes() -> int:
+    """Private (anonymous) memory this process holds now; file pages mapped from checkpoints are not counted,
+    as they are shared page cache the kernel can drop."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Highest private memory seen at the moments ``sample()`` is called (during loading: after every
+    tensor and every repacked layer, where the transient peaks are)."""
+
+    def __init__(self):
+        self.start = self.peak = anon_rss_bytes()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, anon_rss_bytes())
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
+
+
 def kv_cache_budget(cache_config: CacheConfig, device: torch.device) -> int:
     """Bytes for the KV cache: ``kv_cache_memory`` if set; on CUDA ``gpu_memory_utilization`` of the card
     minus what is in use (weights included); on the CPU ``cpu_kv_cache_fraction`` of available RAM."""

@@ -22,7 +22,7 @@ class ModelRunner:
     The last stage computes logits (gathered over tensor-parallel ranks) and its tensor-parallel rank 0
     samples."""
 
-    def __init__(self, config: EngineConfig, device: torch.device):
+    def __init__(self, config: EngineConfig, device: torch.device, after_each_tensor=None):
         self.config = config
         self.model_config = config.model_config
         self.device = device
@@ -31,7 +31,7 @@ class ModelRunner:
         self.is_first, self.is_last = pp.is_first, pp.is_last
         self.samples = self.is_last and tp.is_first
         layer_range = config.parallel_config.layer_ranges(self.model_config.num_layers)[pp.rank_in_group]
-        self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last)
+        self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last, after_each_tensor)
         self.pp_comm = None
         if pp.world_size > 1:
             self.pp_comm = PipelineComm(pp, self.model_config.hf_config.hidden_size, self.model_config.torch_dtype,

@@ -7,7 +7,6 @@ these methods; everything a worker needs to know arrives in the engine config an
 from __future__ import annotations
 
 import os
-import resource
 
 import torch
 
@@ -15,7 +14,7 @@ from dist_infer.config import EngineConfig
 from dist_infer.distributed.parallel_state import RankLayout, get_pp_group, get_tp_group, init_distributed
 from dist_infer.engine.kv_cache_manager import cdiv
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
-from dist_infer.worker.memory import kv_cache_budget
+from dist_infer.worker.memory import PeakMemory, kv_cache_budget
 from dist_infer.worker.model_runner import ModelRunner
 
 
@@ -28,11 +27,6 @@ def pick_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Worker:
@@ -49,15 +43,14 @@ class Worker:
             init_distributed(layout, rank, init_method, self.device, config.parallel_config.worker_timeout_s)
         # Unseeded requests draw from the global generator: seeding it makes whole runs repeatable.
         torch.manual_seed(config.model_config.seed)
-        rss_before = _rss_bytes()
-        self.runner = ModelRunner(config, self.device)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory = PeakMemory()
+        self.runner = ModelRunner(config, self.device, memory.sample)
         self.load_report = {
             "rank": rank,
             "tp_rank": get_tp_group().rank_in_group,
             "pp_rank": get_pp_group().rank_in_group,
             "parameter_bytes": self.runner.model.parameter_bytes,
-            "load_peak_rss_increase": max(0, peak - rss_before),
+            "load_peak_memory_increase": memory.increase,  # private memory, sampled after every tensor
             "pid": os.getpid(),
         }
 

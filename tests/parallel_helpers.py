@@ -1,0 +1,104 @@
+"""Shared pieces of the distributed tests: tiny checkpoints, an HF reference, a workload arriving over time."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from conftest import no_special_tokens, save_tiny_model, tiny_llama_config
+from dist_infer import SamplingParams
+
+MODELS = {
+    # tp=2 splits the 2 K/V heads.
+    "llama-kv2": lambda: (tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2, vocab_size=151,
+                                            tie_word_embeddings=False), 0.0),
+    # tp=2 replicates the single K/V head.
+    "llama-kv1": lambda: (tiny_llama_config(num_hidden_layers=4, num_key_value_heads=1, vocab_size=151), 0.0),
+    "qwen2-bias": lambda: (Qwen2Config(vocab_size=163, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                                       initializer_range=0.3, tie_word_embeddings=False, **no_special_tokens()), 0.3),
+    # The table lives on stage 0 (embedding) and on the last stage (LM head).
+    "llama-tied": lambda: (tiny_llama_config(num_hidden_layers=4, vocab_size=151, tie_word_embeddings=True), 0.0),
+}
+
+
+def build(name: str, root) -> tuple[str, list]:
+    """Saves the model; returns its path and the HF greedy reference for the workload."""
+    config, bias_std = MODELS[name]()
+    path = save_tiny_model(config, root / name, bias_std=bias_std)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reference = [hf.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False)[0, len(p):].tolist()
+                 for p, m, _ in workload(config.vocab_size)]
+    return path, reference
+
+
+def workload(vocab: int):
+    """(prompt, max_tokens, arrival step): mixed lengths, three sharing a 32-token prefix."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    shared = rand(32)
+    return [(rand(3), 12, 0), (shared + rand(9), 10, 0), (rand(70), 8, 1), (shared + rand(3), 12, 2),
+            (rand(21), 14, 4), (shared + rand(15), 6, 5)]
+
+
+def drive(llm, vocab: int) -> list[list[int]]:
+    """Adds the workload's requests at their arrival steps and steps the engine until all finish."""
+    items = workload(vocab)
+    engine = llm.engine
+    finished, step = {}, 0
+    while len(finished) < len(items):
+        for i, (prompt, max_tokens, arrival) in enumerate(items):
+            if arrival == step:
+                engine.add_request(str(i), {"prompt_token_ids": prompt},
+                                   SamplingParams(temperature=0, max_tokens=max_tokens))
+        for out in engine.step():
+            if out.finished:
+                finished[int(out.request_id)] = out.outputs[0].token_ids
+        step += 1
+        assert step < 1000, "requests did not finish"
+    return [finished[i] for i in range(len(items))]
+
+
+def vocab_of(name: str) -> int:
+    return MODELS[name]()[0].vocab_size
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; it only waits to be reaped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float, interval: float = 0.1) -> bool:
+    """Polls ``condition`` until it holds or ``timeout`` seconds pass; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def arm_step_failure(worker, after_steps: int) -> None:
+    """Runs inside a worker (via collective_rpc): its step number ``after_steps + 1`` raises."""
+    original, calls = worker.execute_model, [0]
+
+    def failing(scheduler_output):
+        calls[0] += 1
+        if calls[0] > after_steps:
+            raise RuntimeError("injected failure in a step")
+        return original(scheduler_output)
+
+    worker.execute_model = failing

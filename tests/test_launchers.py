@@ -1,0 +1,54 @@
+"""The dist-infer command under torchrun and Ray, as users start it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CLI = [sys.executable, "-m", "dist_infer.entrypoints.cli"]
+
+
+def _run(args, timeout=600):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_matches_hf(tiny_llama_with_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The history of computing"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_with_tokenizer, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    ids = tok(prompt, return_tensors="pt").input_ids
+    expected = tok.decode(hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True).strip()
+    result = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dist_infer.launch",
+                   "generate", "--model", tiny_llama_with_tokenizer, "--no-chat", "--tp", "2", "--max-tokens", "12",
+                   "--kv-cache-memory", str(1 << 22), prompt])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.slow
+def test_smollm2_on_ray_pp2_and_tp3_equal_tp1(default_model_path):
+    question = "What is the capital of France?"
+    common = ["--max-tokens", "24", "--kv-cache-memory", str(1 << 28), "--max-model-len", "1024"]
+    runs = {}
+    for name, flags in {"tp1": [], "ray-pp2": ["--executor", "ray", "--pp", "2"],
+                        "ray-tp3": ["--executor", "ray", "--tp", "3"]}.items():
+        result = _run([*CLI, "generate", *common, *flags, question])
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        runs[name] = result.stdout.strip()
+    assert "Paris" in runs["tp1"]
+    assert runs["ray-pp2"] == runs["tp1"] and runs["ray-tp3"] == runs["tp1"], runs
+
+
+def test_smollm2_tp2_names_the_valid_sizes(default_model_path):
+    result = _run([*CLI, "generate", "--executor", "ray", "--tp", "2", "hi"], timeout=300)
+    assert result.returncode != 0
+    assert "tensor_parallel_size=2" in result.stderr and "valid sizes: 1, 3" in result.stderr
+    assert "Traceback" not in result.stderr
