@@ -189,6 +189,7 @@ class ParallelConfig:
     ``pipeline_placement`` for Ray: ``PACK`` puts a replica's stages on as few nodes as possible, ``SPREAD``
     puts each stage on a node of its own; each tensor-parallel group always stays inside one node.
     A worker that does not answer within ``worker_timeout_s`` seconds is reported as hung.
+    ``max_batches_in_flight`` caps the micro-batches in the pipeline at once (default: one per stage).
     """
 
     tensor_parallel_size: int = 1
@@ -199,9 +200,12 @@ class ParallelConfig:
     ray_address: str | None = None
     pipeline_placement: str = "PACK"
     worker_timeout_s: float = 300.0
+    max_batches_in_flight: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if self.max_batches_in_flight is None:
+            self.max_batches_in_flight = self.pipeline_parallel_size
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_batches_in_flight"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -24,6 +24,7 @@ class EngineArgs:
     ray_address: str | None = None
     pipeline_placement: str = "PACK"
     worker_timeout_s: float = 300.0
+    max_batches_in_flight: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -45,7 +46,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
                                   self.distributed_executor_backend, self.pipeline_layer_partition, self.ray_address,
-                                  self.pipeline_placement, self.worker_timeout_s)
+                                  self.pipeline_placement, self.worker_timeout_s, self.max_batches_in_flight)
         model = ModelConfig(self.model, self.tokenizer, self.dtype, self.seed, self.max_model_len,
                             self.skip_tokenizer_init)
         cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,

@@ -24,11 +24,19 @@ class EngineCore:
                                                config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, config.model_config.max_model_len)
         self.in_flight: deque[tuple[SchedulerOutput, Future]] = deque()
+        self.max_in_flight = min(executor.max_concurrent_batches, config.parallel_config.max_batches_in_flight)
 
     def fill_pipeline(self) -> None:
-        """Schedules and starts steps until the pipeline is full or nothing more can run."""
-        while len(self.in_flight) < self.executor.max_concurrent_batches:
-            scheduled = self.scheduler.schedule()
+        """Schedules and starts steps until the pipeline is full or nothing more can run.
+
+        With several steps in flight, each takes at most its share of the requests, so that the steps that
+        follow have requests of their own and every stage stays busy."""
+        cap = None
+        if self.max_in_flight > 1:
+            active = min(self.scheduler.num_unfinished, self.scheduler.config.max_num_seqs)
+            cap = max(1, -(-active // self.max_in_flight))
+        while len(self.in_flight) < self.max_in_flight:
+            scheduled = self.scheduler.schedule(cap)
             if not scheduled.num_scheduled_tokens:
                 return
             self.in_flight.append((scheduled, self.executor.execute_model(scheduled, self.replica)))

@@ -115,15 +115,17 @@ class Scheduler:
             remaining = min(remaining, self.config.long_prefill_token_threshold)
         return min(remaining, budget)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_requests: int | None = None) -> SchedulerOutput:
+        """``max_requests`` caps the requests of this step (a pipeline's micro-batch)."""
         budget = self.config.max_num_batched_tokens
+        seats = max_requests if max_requests is not None else self.config.max_num_seqs
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         preempted = False
 
         # Decodes (one token left) before prompt chunks; sorted() is stable, so arrival order holds within each.
         for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
-            if budget == 0:
+            if budget == 0 or len(scheduled) >= seats:
                 break
             if request.status != RequestStatus.RUNNING or request.request_id in self._in_flight:
                 continue  # preempted earlier in this loop, or still in a step that has not returned
@@ -146,7 +148,8 @@ class Scheduler:
             budget -= n
 
         admitted: list[Request] = []
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < seats):
             request = self.waiting[0][-1]
             hits, num_hit = self.kv.get_computed_blocks(request.request_id, request.token_ids)
             request.num_computed_tokens = num_hit
