@@ -48,8 +48,13 @@ def workload(vocab: int):
 
 
 def drive(llm, vocab: int) -> list[list[int]]:
-    """Adds the workload's requests at their arrival steps and steps the engine until all finish."""
-    items = workload(vocab)
+    """Runs the workload on ``llm`` with each request arriving at its step."""
+    return drive_items(llm, workload(vocab))
+
+
+def drive_items(llm, items) -> list[list[int]]:
+    """Adds each (prompt, max_tokens, arrival step) request at its step and steps the engine until all finish;
+    returns the greedy tokens in item order."""
     engine = llm.engine
     finished, step = {}, 0
     while len(finished) < len(items):
@@ -61,7 +66,7 @@ def drive(llm, vocab: int) -> list[list[int]]:
             if out.finished:
                 finished[int(out.request_id)] = out.outputs[0].token_ids
         step += 1
-        assert step < 1000, "requests did not finish"
+        assert step < 2000, "requests did not finish"
     return [finished[i] for i in range(len(items))]
 
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from conftest import no_special_tokens, save_tiny_model, tiny_llama_config
 from dist_infer import LLM, SamplingParams
+from parallel_helpers import drive_items
 
 MODELS = {
     "llama": (tiny_llama_config(num_hidden_layers=3, vocab_size=151, max_position_embeddings=256,
@@ -43,22 +44,6 @@ def model(request, tmp_path_factory):
     return path, items, reference
 
 
-def _drive(llm, items):
-    """Adds each request at its arrival step and steps the engine until all finish."""
-    engine = llm.engine
-    finished, step = {}, 0
-    while len(finished) < len(items):
-        for i, (prompt, max_tokens, arrival) in enumerate(items):
-            if arrival == step:
-                engine.add_request(str(i), {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=max_tokens))
-        for out in engine.step():
-            if out.finished:
-                finished[int(out.request_id)] = out.outputs[0].token_ids
-        step += 1
-        assert step < 2000, "requests did not finish"
-    return [finished[i] for i in range(len(items))]
-
-
 SCENARIOS = {
     "default": dict(),
     "chunked-prefill": dict(max_num_batched_tokens=16, long_prefill_token_threshold=8),
@@ -74,7 +59,7 @@ def test_continuous_batching_matches_hf(model, scenario, monkeypatch):
     if scenario == "chunked-prefill":  # this one runs the PyTorch reference path of decode attention
         monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "0")
     llm = LLM(model=path, skip_tokenizer_init=True, **{"kv_cache_memory": 1 << 22, **SCENARIOS[scenario]})
-    assert _drive(llm, items) == reference
+    assert drive_items(llm, items) == reference
     stats = llm.engine.get_stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total  # nothing leaked
     if scenario == "preemption-tiny-cache":

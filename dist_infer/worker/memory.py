@@ -9,29 +9,28 @@ import torch
 from dist_infer.config import CacheConfig
 
 
-def available_host_memory() -> int:
-    """Bytes of RAM the OS could hand out now (MemAvailable), falling back to free pages."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM the OS could hand out now (MemAvailable), falling back to free pages."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def anon_rss_bytes() -> int:
     """Private (anonymous) memory this process holds now; file pages mapped from checkpoints are not counted,
     as they are shared page cache the kernel can drop."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kib("/proc/self/status", "RssAnon") or 0
 
 
 class PeakMemory:
