@@ -48,6 +48,9 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._stopping = False
+        # Requests handed to the engine thread, and of those the ones it has applied (one writer each).
+        self._adds_submitted = 0
+        self._adds_applied = 0
         self._thread = threading.Thread(target=self._loop, name="dist-infer-engine", daemon=True)
         self._thread.start()
 
@@ -64,8 +67,17 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and self._error is None and not self._stopping
 
     # ---- caller side (event loop) --------------------------------------------------------------------
+    def check_prompt(self, prompt, sampling_params: SamplingParams):
+        """Validates and tokenizes a prompt without queueing it (a ValueError names what is wrong)."""
+        return self.engine.input_processor.process(prompt, sampling_params)
+
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running (an estimate read from outside the engine thread)."""
+        pending = self._adds_submitted - self._adds_applied
+        return pending + sum(len(core.scheduler.waiting) for core in self.engine.cores)
+
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, replica: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as they are produced (cumulative, delta or final only, as its
         ``output_kind`` says); the last one has ``finished=True``. A malformed request raises here."""
         self._check_alive()
@@ -75,14 +87,16 @@ class AsyncLLMEngine:
         accepted = loop.create_future()
 
         def add() -> None:
+            self._adds_applied += 1
             try:
-                self.engine.add_request(request_id, prompt, sampling_params, priority)
+                self.engine.add_request(request_id, prompt, sampling_params, priority, replica)
             except Exception as e:  # bad input: reported to the caller, nothing queued
                 loop.call_soon_threadsafe(_settle, accepted, e)
                 return
             self._streams[request_id] = stream
             loop.call_soon_threadsafe(_settle, accepted, None)
 
+        self._adds_submitted += 1
         self._submit(add)
         try:
             await accepted
@@ -114,6 +128,23 @@ class AsyncLLMEngine:
 
     def get_stats(self):
         return self.engine.get_stats()
+
+    async def check_ready(self, timeout: float) -> None:
+        """Raises unless every worker answers and a one-token request goes through every stage of every
+        replica within ``timeout`` seconds; the error names what failed."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        executor = self.engine.executor
+        await asyncio.wait_for(loop.run_in_executor(None, executor.collective_rpc, "ping"), timeout)
+        params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
+
+        async def canary(replica: int) -> None:
+            async for _ in self.generate({"prompt_token_ids": [0]}, params, f"ready-{uuid.uuid4().hex}",
+                                         replica=replica):
+                pass
+
+        replicas = len(self.engine.cores)
+        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in range(replicas))), timeout)
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -65,16 +65,20 @@ class LLMEngine:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, priority: int = 0) -> None:
-        """Validates and queues one request; a ValueError (nothing queued) if it is malformed or can never fit."""
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, priority: int = 0,
+                    replica: int | None = None) -> None:
+        """Validates and queues one request; a ValueError (nothing queued) if it is malformed or can never fit.
+        ``replica`` pins it to one data-parallel replica (health checks), bypassing the router."""
         params = params or SamplingParams()
         processed = self.input_processor.process(prompt, params)
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, processed.prompt_token_ids, params, self.eos_token_ids,
                           processed.max_tokens, priority)
-        loads = [core.scheduler.outstanding_work() for core in self.cores]
-        core = self.cores[self.router.route(processed.prompt_token_ids, loads)]
+        if replica is None:
+            loads = [core.scheduler.outstanding_work() for core in self.cores]
+            replica = self.router.route(processed.prompt_token_ids, loads)
+        core = self.cores[replica]
         core.scheduler.add_request(request)
         self._owner[request_id] = core
         self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,

@@ -37,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(gen)
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("DIST_INFER_API_KEY"),
+                       help="require this Bearer token on /v1/* (default: $DIST_INFER_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: from the path)")
+    serve.add_argument("--max-waiting", type=int, default=None,
+                       help="answer 429 once this many requests wait to start (default: unbounded)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    serve.add_argument("--ready-timeout", type=float, default=30.0)
+    serve.add_argument("--log-level", default="warning")
+    EngineArgs.add_cli_args(serve)
+    serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     conv = sub.add_parser("convert", help="convert a Llama-family GGUF file into a Hugging Face folder")
     conv.add_argument("src", metavar="SRC.gguf")
     conv.add_argument("dest", metavar="DEST")
@@ -56,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "serve":
+            return _serve(args)
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         return 130
@@ -147,6 +163,19 @@ def _stream_one(llm, prompt, params) -> None:
             sys.stdout.flush()
             printed = len(text)
     sys.stdout.write("\n")
+
+
+def _serve(args) -> int:
+    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
+    from dist_infer.model_loader.resolve import DEFAULT_MODEL_NAME
+
+    engine_args = EngineArgs.from_cli_args(args)
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
+                                      else DEFAULT_MODEL_NAME)
+    settings = ServerSettings(name, args.api_key, args.max_waiting, args.max_request_bytes, args.ready_timeout)
+    run_server(engine_args, settings, args.host, args.port, args.log_level)
+    return 0
 
 
 def _convert(args) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from dist_infer.config import EngineConfig
@@ -33,6 +35,7 @@ class ModelRunner:
         layer_range = config.parallel_config.layer_ranges(self.model_config.num_layers)[pp.rank_in_group]
         self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last, after_each_tensor)
         self.pp_comm = None
+        self.recv_wait_seconds = 0.0  # time spent waiting for the previous stage inside steps
         if pp.world_size > 1:
             self.pp_comm = PipelineComm(pp, self.model_config.hf_config.hidden_size, self.model_config.torch_dtype,
                                         device)
@@ -109,7 +112,9 @@ class ModelRunner:
         step = build_step_inputs(states, list(sched.num_scheduled_tokens.values()), self.block_size, self.device)
         carried = (None, None)
         if not self.is_first:
+            start = time.perf_counter()
             carried = self.pp_comm.recv(step.input_ids.shape[0])
+            self.recv_wait_seconds += time.perf_counter() - start
         with set_forward_context(step.metadata):
             hidden = self.model(step.input_ids, step.positions, *carried)
         if not self.is_last:

@@ -7,6 +7,7 @@ these methods; everything a worker needs to know arrives in the engine config an
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -43,6 +44,7 @@ class Worker:
             init_distributed(layout, rank, init_method, self.device, config.parallel_config.worker_timeout_s)
         # Unseeded requests draw from the global generator: seeding it makes whole runs repeatable.
         torch.manual_seed(config.model_config.seed)
+        self.coords = layout.coords(rank)
         memory = PeakMemory()
         self.runner = ModelRunner(config, self.device, memory.sample)
         self.load_report = {
@@ -53,6 +55,7 @@ class Worker:
             "load_peak_memory_increase": memory.increase,  # private memory, sampled after every tensor
             "pid": os.getpid(),
         }
+        self.steps, self.step_seconds, self.ready_at = 0, 0.0, time.monotonic()
 
     def memory_report(self) -> dict:
         return dict(self.load_report)
@@ -76,7 +79,21 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        return self.runner.execute_model(scheduler_output)
+        start = time.perf_counter()
+        try:
+            return self.runner.execute_model(scheduler_output)
+        finally:
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - start
+
+    def timing(self) -> dict:
+        """Where this worker's time went since it was ready: computing steps, waiting for the previous stage's
+        activations inside a step, or idle (no step to run: the pipeline bubble, or no work at all)."""
+        uptime = time.monotonic() - self.ready_at
+        wait = self.runner.recv_wait_seconds
+        return {"rank": self.rank, "dp_rank": self.coords[0], "pp_rank": self.coords[1], "tp_rank": self.coords[2],
+                "steps": self.steps, "compute_seconds": self.step_seconds - wait, "recv_wait_seconds": wait,
+                "uptime_seconds": uptime}
 
     def ping(self) -> int:
         return self.rank

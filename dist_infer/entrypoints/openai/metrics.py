@@ -1,0 +1,117 @@
+"""Prometheus metrics for ``/metrics``, in a registry of the server's own.
+
+Counted as requests finish: requests by endpoint and status, prompt and generated tokens, and histograms of
+time to first token, inter-token latency and end-to-end latency. Read from the engine at each scrape:
+waiting and running requests, KV-cache use and prefix-cache hit rate per replica, and per pipeline stage
+the time its workers spent computing and their idle (bubble) fraction.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from dist_infer.outputs import RequestOutput
+
+logger = logging.getLogger("dist_infer.server")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str):
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        labels = ["model"]
+        self.requests = Counter("dist_infer_requests", "Requests answered, by endpoint and HTTP status",
+                                labels + ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("dist_infer_prompt_tokens", "Prompt tokens of finished requests", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("dist_infer_generation_tokens", "Tokens generated", labels,
+                                         registry=self.registry)
+        self.ttft = Histogram("dist_infer_time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("dist_infer_inter_token_latency_seconds", "Time between generated tokens", labels,
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("dist_infer_e2e_request_latency_seconds", "Arrival to last token", labels,
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(engine, model_name))
+
+    def count_response(self, endpoint: str, status: int) -> None:
+        self.requests.labels(self.model_name, endpoint, str(status)).inc()
+
+    def observe_request(self, output: RequestOutput, num_generated: int) -> None:
+        """One engine request finished, having generated ``num_generated`` tokens."""
+        m, name = output.metrics, self.model_name
+        self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+        self.generation_tokens.labels(name).inc(num_generated)
+        if m is None:
+            return
+        if m.first_token_time is not None:
+            self.ttft.labels(name).observe(m.time_to_first_token)
+        for gap in m.inter_token_latencies:
+            self.itl.labels(name).observe(gap)
+        if m.finished_time is not None:
+            self.e2e.labels(name).observe(m.finished_time - m.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Engine state read at scrape time."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        labels = ["model", "replica"]
+        gauges = {
+            "num_requests_waiting": ("Requests waiting to start", "num_waiting"),
+            "num_requests_running": ("Requests running", "num_running"),
+            "kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use", "kv_cache_usage"),
+            "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / looked up", "prefix_cache_hit_rate"),
+        }
+        families = {k: GaugeMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in gauges.items()}
+        generated = CounterMetricFamily("dist_infer_replica_generation_tokens", "Tokens generated, per replica", labels=labels)
+        preemptions = CounterMetricFamily("dist_infer_preemptions", "Requests preempted, per replica", labels=labels)
+        for replica, core in enumerate(self.engine.engine.cores):
+            stats = core.scheduler.get_stats()
+            for key, (_, attr) in gauges.items():
+                families[key].add_metric([self.model_name, str(replica)], float(getattr(stats, attr)))
+            generated.add_metric([self.model_name, str(replica)], stats.generation_tokens)
+            preemptions.add_metric([self.model_name, str(replica)], stats.num_preemptions)
+        yield from families.values()
+        yield generated
+        yield preemptions
+        yield from self._stage_metrics()
+
+    def _stage_metrics(self):
+        stage_labels = ["model", "replica", "stage"]
+        busy = CounterMetricFamily("dist_infer_stage_compute_seconds", "Time a stage's workers spent computing",
+                                   labels=stage_labels)
+        idle = GaugeMetricFamily("dist_infer_stage_idle_ratio",
+                                 "Fraction of time a stage had no step to compute (pipeline bubble or no work)",
+                                 labels=stage_labels)
+        try:
+            timings = self.engine.engine.executor.collective_rpc("timing")
+        except Exception as e:  # a dead worker: /ready reports it; metrics stay available
+            logger.warning("stage timings unavailable: %s", e)
+            timings = []
+        stages: dict[tuple[int, int], list[dict]] = {}
+        for t in timings:
+            stages.setdefault((t["dp_rank"], t["pp_rank"]), []).append(t)
+        for (replica, stage), members in sorted(stages.items()):
+            compute = max(t["compute_seconds"] for t in members)
+            uptime = max(t["uptime_seconds"] for t in members)
+            key = [self.model_name, str(replica), str(stage)]
+            busy.add_metric(key, compute)
+            idle.add_metric(key, max(0.0, 1.0 - compute / uptime) if uptime > 0 else 0.0)
+        yield busy
+        yield idle

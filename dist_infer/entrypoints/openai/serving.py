@@ -1,0 +1,243 @@
+"""The completions and chat endpoints: request -> engine requests (one per prompt and choice) -> response.
+
+Every prompt is checked and tokenized before anything is queued, so a bad request is a 400 even when it
+asks for a stream. Streams are Server-Sent Events ending with ``data: [DONE]``; when the client goes away the
+stream is cancelled, which aborts its engine requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dist_infer.engine.async_llm_engine import AsyncLLMEngine
+from dist_infer.entrypoints.llm import apply_chat_template
+from dist_infer.entrypoints.openai.errors import OpenAIError
+from dist_infer.entrypoints.openai.formatting import chat_logprobs, completion_logprobs, usage
+from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from dist_infer.outputs import RequestOutput
+from dist_infer.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("dist_infer.server")
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_index: int
+    request_id: str
+    prompt: dict
+    params: SamplingParams
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_waiting: int | None, metrics):
+        self.engine, self.model_name, self.max_waiting, self.metrics = engine, model_name, max_waiting, metrics
+
+    # ---- shared checks ---------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise OpenAIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                              param="model", code="model_not_found")
+
+    def admit(self) -> None:
+        if self.max_waiting is not None and self.engine.num_waiting() >= self.max_waiting:
+            raise OpenAIError(429, f"the server's waiting queue is full ({self.max_waiting} requests); retry later",
+                              code="queue_full", headers={"Retry-After": "1"})
+
+    def _params(self, req, max_tokens, logprobs: int | None, kind: RequestOutputKind) -> SamplingParams:
+        fields = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                      repetition_penalty=req.repetition_penalty, seed=req.seed)
+        given = {k: v for k, v in fields.items() if v is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                                  ignore_eos=req.ignore_eos, logprobs=logprobs, output_kind=kind, **given)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param=str(e).split()[0], code="invalid_value") from None
+
+    def _choices(self, prompts: list[dict], req, max_tokens, logprobs, stream: bool, tag: str) -> list[_Choice]:
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        base = self._params(req, max_tokens, logprobs, kind)
+        choices = []
+        for p, prompt in enumerate(prompts):
+            try:
+                processed = self.engine.check_prompt(prompt, base)
+            except ValueError as e:
+                raise OpenAIError(400, str(e), param="prompt" if tag == "cmpl" else "messages",
+                                  code="invalid_prompt") from None
+            ready = {"prompt": processed.prompt, "prompt_token_ids": processed.prompt_token_ids}
+            for i in range(req.n):
+                params = base
+                if req.n > 1 and req.seed is not None:  # distinct but reproducible samples per choice
+                    params = self._params(req, max_tokens, logprobs, kind)
+                    params.seed = req.seed + i
+                index = p * req.n + i
+                choices.append(_Choice(index, p, f"{tag}-{uuid.uuid4().hex}-{index}", ready, params))
+        return choices
+
+    # ---- running ---------------------------------------------------------------------------------------
+    async def _events(self, choices: list[_Choice], priority: int) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+        """Outputs of all choices as they come; cancelling the iteration aborts every engine request."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            try:
+                async for out in self.engine.generate(choice.prompt, choice.params, choice.request_id, priority):
+                    await queue.put((choice, out))
+            except Exception as e:  # surfaced to the response
+                await queue.put((choice, e))
+            finally:
+                await queue.put((choice, None))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                choice, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield choice, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _absorb(self, choice: _Choice, out: RequestOutput) -> tuple[str, list[int], list]:
+        completion = out.outputs[0]
+        choice.text += completion.text
+        choice.token_ids += completion.token_ids
+        choice.logprobs += completion.logprobs or []
+        if out.finished:
+            choice.finish_reason = completion.finish_reason
+            choice.output = out
+            self.metrics.observe_request(out, len(choice.token_ids))
+        return completion.text, completion.token_ids, completion.logprobs or []
+
+    async def _collect(self, choices: list[_Choice], priority: int) -> None:
+        async for choice, out in self._events(choices, priority):
+            self._absorb(choice, out)
+
+    @staticmethod
+    def _usage(choices: list[_Choice], n: int) -> dict:
+        """Each prompt counts once however many choices it has."""
+        prompt_tokens = sum(len(c.prompt["prompt_token_ids"]) for c in choices if c.index % n == 0)
+        return usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
+
+    # ---- /v1/completions ---------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        if req.best_of is not None and req.best_of != req.n:
+            raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
+        self.admit()
+        prompts = _completion_prompts(req.prompt)
+        choices = self._choices(prompts, req, req.max_tokens, req.logprobs, req.stream, "cmpl")
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        tokenizer = self.engine.tokenizer
+
+        def logprobs_of(token_ids, logprobs, offset):
+            if req.logprobs is None:
+                return None
+            return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
+
+        if not req.stream:
+            await self._collect(choices, req.priority)
+            body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [], "usage": self._usage(choices, req.n)}
+            for c in choices:
+                prefix = (c.prompt["prompt"] or tokenizer.decode(c.prompt["prompt_token_ids"])) if req.echo else ""
+                body["choices"].append({"index": c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
+                                        "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix))})
+            return body
+
+        async def stream():
+            echoed = set()
+            async for choice, out in self._events(choices, req.priority):
+                offset = len(choice.text)
+                text, token_ids, logprobs = self._absorb(choice, out)
+                if req.echo and choice.index not in echoed:
+                    echoed.add(choice.index)
+                    text = (choice.prompt["prompt"] or tokenizer.decode(choice.prompt["prompt_token_ids"])) + text
+                chunk = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
+                         "choices": [{"index": choice.index, "text": text, "finish_reason": choice.finish_reason,
+                                      "logprobs": logprobs_of(token_ids, logprobs, offset)}]}
+                yield _sse(chunk)
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({"id": response_id, "object": "text_completion", "created": created,
+                            "model": self.model_name, "choices": [], "usage": self._usage(choices, req.n)})
+            yield "data: [DONE]\n\n"
+
+        return stream()
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        tokenizer = self.engine.tokenizer
+        try:
+            conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = apply_chat_template(tokenizer, conversation, req.add_generation_prompt)
+        except Exception as e:  # the template rejects the conversation (roles, order, content)
+            raise OpenAIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
+        self.admit()
+        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        num_top = req.top_logprobs or 0
+        logprobs = num_top if req.logprobs else None
+        if req.top_logprobs and not req.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        choices = self._choices([prompt], req, max_tokens, logprobs, req.stream, "chatcmpl")
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not req.stream:
+            await self._collect(choices, req.priority)
+            return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": c.finish_reason,
+                                 "logprobs": chat_logprobs(c.token_ids, c.logprobs, num_top, tokenizer)
+                                 if req.logprobs else None} for c in choices],
+                    "usage": self._usage(choices, req.n)}
+
+        def chunk(index, delta, finish_reason=None, lp=None):
+            return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                         "model": self.model_name,
+                         "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}]})
+
+        async def stream():
+            for c in choices:
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+            async for choice, out in self._events(choices, req.priority):
+                text, token_ids, lps = self._absorb(choice, out)
+                lp = chat_logprobs(token_ids, lps, num_top, tokenizer) if req.logprobs else None
+                yield chunk(choice.index, {"content": text} if text else {}, choice.finish_reason, lp)
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model_name, "choices": [],
+                            "usage": self._usage(choices, req.n)})
+            yield "data: [DONE]\n\n"
+
+        return stream()
+
+
+def _completion_prompts(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": list(prompt)}]
+    return [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompt]
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
