@@ -127,3 +127,30 @@ def test_readme_curl_example(server):
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_python_clients(server):
+    import asyncio
+
+    from dist_infer import AsyncClient, Client, ClientError
+
+    with Client(server.base_url, api_key=KEY) as client:
+        assert client.models() == [MODEL]
+        reply = client.chat(QUESTION, max_tokens=20, temperature=0)
+        text = reply["choices"][0]["message"]["content"]
+        assert "Paris" in text
+        assert "".join(client.stream_chat(QUESTION, max_tokens=20, temperature=0)) == text
+        completion = client.complete("The capital of France is", max_tokens=6, temperature=0)["choices"][0]["text"]
+        assert "".join(client.stream_complete("The capital of France is", max_tokens=6, temperature=0)) == completion
+    with pytest.raises(ClientError) as err:
+        Client(server.base_url, api_key="wrong").models()
+    assert err.value.status == 401
+
+    async def run():
+        async with AsyncClient(server.base_url, api_key=KEY) as client:
+            reply = await client.chat(QUESTION, max_tokens=20, temperature=0)
+            pieces = [p async for p in client.stream_chat(QUESTION, max_tokens=20, temperature=0)]
+            return reply["choices"][0]["message"]["content"], "".join(pieces)
+
+    full, streamed = asyncio.run(run())
+    assert full == streamed == text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass, fields
 
 from dist_infer.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -34,6 +35,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int | None = None
+    config_file: str | None = None  # where these values came from, for error messages
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -44,6 +46,14 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
+        if self.config_file is None:
+            return self._create_engine_config()
+        try:
+            return self._create_engine_config()
+        except ValueError as e:
+            raise ValueError(f"{self.config_file} (engine section, or a flag overriding it): {e}") from None
+
+    def _create_engine_config(self) -> EngineConfig:
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
                                   self.distributed_executor_backend, self.pipeline_layer_partition, self.ray_address,
                                   self.pipeline_placement, self.worker_timeout_s, self.max_batches_in_flight)
@@ -56,34 +66,46 @@ class EngineArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Engine flags. Their defaults live in this dataclass, not in the parser: a flag absent from the
+        command line is absent from the parsed namespace, so a config file's value is not overridden by it."""
         g = parser.add_argument_group("model and engine")
-        g.add_argument("--model", "-m", default=None,
-                       help="local Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-        g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--max-model-len", type=int, default=None)
-        g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-        g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
-        g.add_argument("--data-parallel-size", "--dp", type=int, default=1)
-        g.add_argument("--distributed-executor-backend", "--executor", default=None,
-                       help="uni, mp, ray or torchrun (default: uni for one worker, else mp)")
-        g.add_argument("--pipeline-layer-partition", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                       help="layers per pipeline stage, comma-separated (default: even split)")
-        g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a running one, else local)")
-        g.add_argument("--pipeline-placement", default="PACK", choices=["PACK", "SPREAD"],
-                       help="Ray: keep a replica's stages together (PACK) or one node per stage (SPREAD)")
-        g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=300.0,
-                       help="seconds before a silent worker is reported as hung")
-        g.add_argument("--block-size", type=int, default=16)
-        g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
-        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-        g.add_argument("--max-num-seqs", type=int, default=256)
-        g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-        g.add_argument("--long-prefill-token-threshold", type=int, default=None)
+        add = functools.partial(g.add_argument, default=argparse.SUPPRESS)
+        add("--config", dest="config_file", metavar="FILE.yaml",
+            help="cluster config (see cluster_configs/); flags given here override its values")
+        add("--model", "-m", help="local Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+        add("--tokenizer", help="tokenizer folder (default: the model's)")
+        add("--dtype", help="auto (default), float32, bfloat16 or float16")
+        add("--seed", type=int, help="default 0")
+        add("--max-model-len", type=int, help="default: the model's context")
+        add("--tensor-parallel-size", "--tp", type=int, help="default 1")
+        add("--pipeline-parallel-size", "--pp", type=int, help="default 1")
+        add("--data-parallel-size", "--dp", type=int, help="default 1")
+        add("--distributed-executor-backend", "--executor",
+            help="uni, mp, ray or torchrun (default: uni for one worker, else mp)")
+        add("--pipeline-layer-partition", type=lambda s: [int(x) for x in s.split(",")],
+            help="layers per pipeline stage, comma-separated (default: even split)")
+        add("--ray-address", help="Ray cluster to join (default: a running one, else local)")
+        add("--pipeline-placement", choices=["PACK", "SPREAD"],
+            help="Ray: keep a replica's stages together (PACK, default) or one node per stage (SPREAD)")
+        add("--worker-timeout", dest="worker_timeout_s", type=float,
+            help="seconds before a silent worker is reported as hung (default 300)")
+        add("--block-size", type=int, help="tokens per KV-cache block (default 16)")
+        add("--kv-cache-memory", type=int, help="bytes for the KV cache")
+        add("--gpu-memory-utilization", type=float, help="default 0.9")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="default on")
+        add("--max-num-seqs", type=int, help="default 256")
+        add("--max-num-batched-tokens", type=int, help="default 2048")
+        add("--long-prefill-token-threshold", type=int, help="default: half of --max-num-batched-tokens")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The config file's values (if ``--config``), then the flags given on the command line."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in known})
+        values = {}
+        config_file = getattr(args, "config_file", None)
+        if config_file:
+            from dist_infer.cluster_config import load_cluster_config
+
+            values.update(load_cluster_config(config_file).engine, config_file=config_file)
+        values.update({k: v for k, v in vars(args).items() if k in known and k != "config_file"})
+        return cls(**values)

@@ -10,6 +10,7 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -38,18 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("DIST_INFER_API_KEY"),
-                       help="require this Bearer token on /v1/* (default: $DIST_INFER_API_KEY)")
-    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: from the path)")
-    serve.add_argument("--max-waiting", type=int, default=None,
-                       help="answer 429 once this many requests wait to start (default: unbounded)")
-    serve.add_argument("--max-request-bytes", type=int, default=1 << 20)
-    serve.add_argument("--ready-timeout", type=float, default=30.0)
-    serve.add_argument("--log-level", default="warning")
+    # Defaults are applied in _serve, after a --config file's server section.
+    opt = functools.partial(serve.add_argument, default=argparse.SUPPRESS)
+    opt("--host", help="address to bind (default: 127.0.0.1, loopback only)")
+    opt("--port", type=int, help="default 8000")
+    opt("--api-key", help="require this Bearer token on /v1/* (default: $DIST_INFER_API_KEY)")
+    opt("--served-model-name", help="the model id clients use (default: from the path)")
+    opt("--max-waiting", type=int, help="answer 429 once this many requests wait to start (default: unbounded)")
+    opt("--max-request-bytes", type=int, help="default 1 MiB")
+    opt("--ready-timeout", type=float, help="seconds /ready may take (default 30)")
+    opt("--log-level", help="uvicorn's log level (default warning)")
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    batch = sub.add_parser("batch", help="run an OpenAI batch file (resumable)")
+    batch.add_argument("--input", "-i", required=True, help="requests, one JSON object per line")
+    batch.add_argument("--output", "-o", required=True, help="results; ids already here are skipped")
+    batch.add_argument("--served-model-name", default=None)
+    batch.add_argument("--max-concurrency", type=int, default=256)
+    EngineArgs.add_cli_args(batch)
+    batch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     conv = sub.add_parser("convert", help="convert a Llama-family GGUF file into a Hugging Face folder")
     conv.add_argument("src", metavar="SRC.gguf")
@@ -72,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "batch":
+            return _batch(args)
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         return 130
@@ -125,7 +136,7 @@ def _generate(args) -> int:
     # Validate sampling flags before the (slower) model load.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
-                            seed=args.seed)
+                            seed=engine_args.seed)
     with LLM(**vars(engine_args)) as llm:
         tokenizer = llm.get_tokenizer()
         use_chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
@@ -165,16 +176,49 @@ def _stream_one(llm, prompt, params) -> None:
     sys.stdout.write("\n")
 
 
+def _model_name(served_name: str | None, model: str | None) -> str:
+    from dist_infer.model_loader.resolve import DEFAULT_MODEL_NAME
+
+    if served_name:
+        return served_name
+    return os.path.basename(os.path.normpath(model)) if model else DEFAULT_MODEL_NAME
+
+
+def _batch(args) -> int:
+    import asyncio
+
+    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.engine.async_llm_engine import AsyncLLMEngine
+    from dist_infer.entrypoints.batch import read_requests, run_batch
+
+    read_requests(args.input)  # a malformed input fails before the model loads
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = AsyncLLMEngine(engine_args.create_engine_config())
+    try:
+        name = _model_name(args.served_model_name, engine_args.model)
+        answered = asyncio.run(run_batch(engine, name, args.input, args.output, args.max_concurrency))
+    finally:
+        engine.shutdown()
+    print(f"answered {answered} requests; results in {args.output}")
+    return 0
+
+
 def _serve(args) -> int:
     from dist_infer.engine.arg_utils import EngineArgs
     from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
-    from dist_infer.model_loader.resolve import DEFAULT_MODEL_NAME
 
     engine_args = EngineArgs.from_cli_args(args)
-    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
-                                      else DEFAULT_MODEL_NAME)
-    settings = ServerSettings(name, args.api_key, args.max_waiting, args.max_request_bytes, args.ready_timeout)
-    run_server(engine_args, settings, args.host, args.port, args.log_level)
+    options = {"host": "127.0.0.1", "port": 8000, "api_key": os.environ.get("DIST_INFER_API_KEY"),
+               "served_model_name": None, "max_waiting": None, "max_request_bytes": 1 << 20, "ready_timeout": 30.0,
+               "log_level": "warning"}
+    if getattr(args, "config_file", None):
+        from dist_infer.cluster_config import load_cluster_config
+
+        options.update(load_cluster_config(args.config_file).server)
+    options.update({k: v for k, v in vars(args).items() if k in options})
+    settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), options["api_key"],
+                              options["max_waiting"], options["max_request_bytes"], options["ready_timeout"])
+    run_server(engine_args, settings, options["host"], options["port"], options["log_level"])
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Cluster configs: YAML files that describe a cluster and the layout to run on it (``cluster_configs/``).
+
+    cluster:            # what the cluster offers; the layout is checked against it
+      nodes: 2
+      gpus_per_node: 8
+      cpus_per_node: 64
+    engine:             # engine arguments, the same names as LLM(...) and the CLI flags
+      tensor_parallel_size: 8
+      pipeline_parallel_size: 2
+      distributed_executor_backend: ray
+    server:             # optional, for `dist-infer serve`
+      port: 8000
+      max_waiting: 512
+
+Unknown keys, impossible layouts and bad values are errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from dist_infer.engine.arg_utils import EngineArgs
+
+_CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
+_SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
+                "ready_timeout": float}
+
+
+@dataclass
+class ClusterConfig:
+    path: str
+    cluster: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
+    server: dict = field(default_factory=dict)
+
+
+def load_cluster_config(path: str) -> ClusterConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read cluster config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping with cluster / engine / server sections")
+    unknown = sorted(set(data) - {"cluster", "engine", "server"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section {unknown[0]!r} (expected cluster, engine, server)")
+    config = ClusterConfig(path, *(_section(data, name, path) for name in ("cluster", "engine", "server")))
+    _check_types(config.cluster, _CLUSTER_KEYS, "cluster", path)
+    _check_types(config.server, _SERVER_KEYS, "server", path)
+    engine_keys = {f.name for f in fields(EngineArgs)} - {"config_file"}
+    for key in config.engine:
+        if key not in engine_keys:
+            raise ValueError(f"{path}: unknown key engine.{key}")
+    _check_layout(config)
+    return config
+
+
+def _section(data: dict, name: str, path: str) -> dict:
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: {name} must be a mapping")
+    return section
+
+
+def _check_types(section: dict, schema: dict, name: str, path: str) -> None:
+    for key, value in section.items():
+        if key not in schema:
+            raise ValueError(f"{path}: unknown key {name}.{key} (expected one of {', '.join(sorted(schema))})")
+        kind = schema[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
+        if not ok:
+            raise ValueError(f"{path}: {name}.{key} must be {kind.__name__}, got {value!r}")
+        if kind in (int, float) and value < 0:
+            raise ValueError(f"{path}: {name}.{key} must not be negative, got {value!r}")
+
+
+def _check_layout(config: ClusterConfig) -> None:
+    """The layout against the cluster's declared size (the model's own limits are checked at start)."""
+    engine, cluster, path = config.engine, config.cluster, config.path
+    sizes = {}
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        value = engine.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: engine.{key} must be a positive int, got {value!r}")
+        sizes[key] = value
+    tp = sizes["tensor_parallel_size"]
+    world = tp * sizes["pipeline_parallel_size"] * sizes["data_parallel_size"]
+    nodes, gpus = cluster.get("nodes", 1), cluster.get("gpus_per_node", 0)
+    if gpus:
+        if world > nodes * gpus:
+            raise ValueError(
+                f"{path}: engine asks for tensor x pipeline x data = {world} workers, but cluster offers "
+                f"{nodes} node(s) x {gpus} GPU(s) = {nodes * gpus}"
+            )
+        if tp > gpus:
+            raise ValueError(
+                f"{path}: engine.tensor_parallel_size={tp} exceeds cluster.gpus_per_node={gpus}; a tensor-parallel "
+                f"group must fit inside one node"
+            )
