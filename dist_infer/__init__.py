@@ -16,6 +16,7 @@ _EXPORTS = {
     "Client": "dist_infer.entrypoints.client",
     "AsyncClient": "dist_infer.entrypoints.client",
     "ClientError": "dist_infer.entrypoints.client",
+    "get_handle": "dist_infer.entrypoints.ray_service",
     "RequestOutputKind": "dist_infer.sampling_params",
     "RequestOutput": "dist_infer.outputs",
     "CompletionOutput": "dist_infer.outputs",

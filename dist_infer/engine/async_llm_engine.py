@@ -1,10 +1,12 @@
 """The asyncio engine: ``async for out in engine.generate(prompt, params, request_id)``.
 
 The synchronous engine runs in one background thread, stepping while it has work and sleeping otherwise;
-event-loop code never blocks on a step. Requests and aborts reach that thread through a command queue and
-are applied between steps; each step's outputs go back to the awaiting coroutines through
-``loop.call_soon_threadsafe``. A caller that stops iterating (client disconnect, cancellation) aborts its
-request, which frees its KV blocks. If a step fails, every waiting caller gets the error and the engine
+event-loop code never blocks on a step. Everything that touches the engine -- adding and aborting requests,
+reading statistics, calling the workers -- is a command run by that thread between steps, so nothing races
+a step (under torchrun a worker call from another thread would interleave with the step's collectives).
+Each step's outputs go back to the awaiting coroutines through ``loop.call_soon_threadsafe``. A caller that
+stops iterating (client disconnect, cancellation) aborts its request, which frees its KV blocks. If a step
+fails, or the engine shuts down, every waiting caller and every pending command gets the error and the engine
 refuses new work.
 """
 
@@ -23,6 +25,8 @@ from dist_infer.engine.llm_engine import LLMEngine
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import SamplingParams
 
+_CANARY_PRIORITY = -(2**31)  # readiness probes jump the queue: a busy server is not an unready one
+
 
 class EngineDeadError(RuntimeError):
     """The engine's step loop has stopped (it failed, or the engine was shut down)."""
@@ -40,10 +44,24 @@ class _Stream:
             pass
 
 
+@dataclass
+class _Command:
+    run: Callable[[], object]
+    loop: asyncio.AbstractEventLoop | None = None  # with a future: the caller awaits the result
+    future: asyncio.Future | None = None
+
+    def settle(self, result=None, error: BaseException | None = None) -> None:
+        if self.future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+            except RuntimeError:  # the caller's loop is closed
+                pass
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
@@ -80,26 +98,17 @@ class AsyncLLMEngine:
                        priority: int = 0, replica: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as they are produced (cumulative, delta or final only, as its
         ``output_kind`` says); the last one has ``finished=True``. A malformed request raises here."""
-        self._check_alive()
         request_id = request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        accepted = loop.create_future()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> None:
             self._adds_applied += 1
-            try:
-                self.engine.add_request(request_id, prompt, sampling_params, priority, replica)
-            except Exception as e:  # bad input: reported to the caller, nothing queued
-                loop.call_soon_threadsafe(_settle, accepted, e)
-                return
+            self.engine.add_request(request_id, prompt, sampling_params, priority, replica)
             self._streams[request_id] = stream
-            loop.call_soon_threadsafe(_settle, accepted, None)
 
         self._adds_submitted += 1
-        self._submit(add)
         try:
-            await accepted
+            await self._call(add)
         except asyncio.CancelledError:
             self.abort(request_id)
             raise
@@ -124,34 +133,49 @@ class AsyncLLMEngine:
                 for output in final:
                     stream.put(output)
 
-        self._submit(run)
+        if self.is_running:
+            self._submit(_Command(run))
 
-    def get_stats(self):
-        return self.engine.get_stats()
+    async def replica_stats(self) -> list:
+        """Scheduler statistics of each data-parallel replica, in replica order."""
+        return await self._call(lambda: [core.scheduler.get_stats() for core in self.engine.cores])
+
+    async def worker_timings(self) -> list[dict]:
+        """Each worker's compute / wait / uptime seconds (see Worker.timing)."""
+        return await self._call(lambda: self.engine.executor.collective_rpc("timing"))
 
     async def check_ready(self, timeout: float) -> None:
         """Raises unless every worker answers and a one-token request goes through every stage of every
         replica within ``timeout`` seconds; the error names what failed."""
-        self._check_alive()
-        loop = asyncio.get_running_loop()
-        executor = self.engine.executor
-        await asyncio.wait_for(loop.run_in_executor(None, executor.collective_rpc, "ping"), timeout)
+        await asyncio.wait_for(self._call(lambda: self.engine.executor.collective_rpc("ping")), timeout)
         params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
 
         async def canary(replica: int) -> None:
             async for _ in self.generate({"prompt_token_ids": [0]}, params, f"ready-{uuid.uuid4().hex}",
-                                         replica=replica):
+                                         priority=_CANARY_PRIORITY, replica=replica):
                 pass
 
-        replicas = len(self.engine.cores)
-        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in range(replicas))), timeout)
+        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in range(len(self.engine.cores)))), timeout)
+
+    def get_stats(self):
+        return self.engine.get_stats()
 
     def shutdown(self) -> None:
+        """Stops the step loop (failing whatever still waits), then the workers."""
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout=30)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        # A thread still inside a step (a hung worker) is released by stopping the workers under it.
         self.engine.shutdown()
+        self._thread.join(timeout=30)
+
+    async def _call(self, fn: Callable[[], object]):
+        """Runs ``fn`` on the engine thread between steps; its result or exception comes back here."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        command = _Command(fn, loop, loop.create_future())
+        self._submit(command)
+        return await command.future
 
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -159,7 +183,7 @@ class AsyncLLMEngine:
         if self._stopping or not self._thread.is_alive():
             raise EngineDeadError("the engine is shut down")
 
-    def _submit(self, command: Callable[[], None]) -> None:
+    def _submit(self, command: _Command) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -181,7 +205,10 @@ class AsyncLLMEngine:
                     stream.put(output)
         except BaseException as e:  # a failed step: fail every caller rather than leave them waiting
             self._error = e
-            self._fail_all(EngineDeadError(f"engine step failed: {e!r}"))
+        finally:
+            reason = (EngineDeadError(f"engine step failed: {self._error!r}") if self._error is not None
+                      else EngineDeadError("the engine was shut down"))
+            self._fail_all(reason)
 
     def _run_commands(self) -> None:
         while True:
@@ -189,18 +216,29 @@ class AsyncLLMEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                result = command.run()
+            except Exception as e:  # reported to the caller that asked (bad input, a worker error)
+                command.settle(error=e)
+            else:
+                command.settle(result)
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(error)
+        while True:  # commands that will never run now
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command.settle(error=error)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

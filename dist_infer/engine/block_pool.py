@@ -1,7 +1,7 @@
 """The pool of KV-cache blocks: reference counts, the free queue, and the prefix cache (plain Python).
 
-A block is *cached* once it is full and its contents are known: it is then findable by its key
-``(hash of the previous block, tokens in this block)``, so a request whose prefix matches reuses it instead
+A block is *cached* once it is full and its contents are known: it is then findable by its key (a digest
+of the previous block's key and the tokens in this block), so a request whose prefix matches reuses it instead
 of recomputing it. Blocks whose reference count drops to zero go to the back of the free queue but keep
 their key; new blocks are taken from the front, so the least recently freed cached block is evicted first.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-BlockKey = tuple  # (parent block hash or None, tuple of token ids)
+BlockKey = bytes  # digest of the previous block's key and this block's tokens
 
 
 @dataclass(eq=False)
@@ -19,7 +19,6 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     key: BlockKey | None = None
-    block_hash: int | None = None  # hash(key): what the next block's key chains on
 
 
 class BlockPool:
@@ -66,11 +65,15 @@ class BlockPool:
 
     def cache(self, block: KVCacheBlock, key: BlockKey) -> None:
         """Makes a full block findable under ``key``; a block already holding that key keeps it."""
-        block.key, block.block_hash = key, hash(key)
+        block.key = key
         if self.enable_caching:
             self.cached.setdefault(key, block)
+
+    def uncache(self, block: KVCacheBlock) -> None:
+        """Makes a block unfindable (its contents are not what its key says)."""
+        self._evict(block)
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.key is not None and self.cached.get(block.key) is block:
             del self.cached[block.key]
-        block.key = block.block_hash = None
+        block.key = None

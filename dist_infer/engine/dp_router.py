@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from dist_infer.engine.kv_cache_manager import block_keys
+
 _MAX_REMEMBERED = 100_000
 _AFFINITY_SLACK = 1.5  # the cached replica may carry up to this much more work than the least loaded
 
@@ -16,20 +18,14 @@ _AFFINITY_SLACK = 1.5  # the cached replica may carry up to this much more work 
 class DataParallelRouter:
     def __init__(self, num_replicas: int, block_size: int):
         self.num_replicas, self.block_size = num_replicas, block_size
-        self._prefix_owner: OrderedDict[int, int] = OrderedDict()  # block-chain hash -> replica
+        self._prefix_owner: OrderedDict[bytes, int] = OrderedDict()  # block key (as the KV cache keys it) -> replica
 
-    def _chain(self, token_ids: list[int]) -> list[int]:
-        bs, parent, out = self.block_size, None, []
-        for i in range(len(token_ids) // bs):
-            parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
-            out.append(parent)
-        return out
 
     def route(self, token_ids: list[int], loads: list[int]) -> int:
         """``loads[i]``: outstanding tokens of replica i."""
         if self.num_replicas == 1:
             return 0
-        chain = self._chain(token_ids)
+        chain = block_keys(token_ids, len(token_ids), self.block_size)
         least = min(range(self.num_replicas), key=lambda i: (loads[i], i))
         choice = least
         for key in reversed(chain):  # the longest prefix some replica has seen

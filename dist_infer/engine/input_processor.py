@@ -28,6 +28,8 @@ class InputProcessor:
         bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size ({vocab})")
         limit = self.model_config.max_model_len
         if len(ids) >= limit:
             raise ValueError(

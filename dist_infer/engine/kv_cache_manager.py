@@ -1,12 +1,15 @@
 """Per-request block tables over the block pool, with prefix caching (plain Python).
 
 Token ``m`` of a request lives in block ``table[m // block_size]`` at offset ``m % block_size``; a request
-holding ``n`` tokens owns ``ceil(n / block_size)`` blocks. Full blocks are keyed by
-``(hash of the previous block's key, their tokens)``, so equal prefixes give equal chains of keys and a new
-request can start from the longest chain already in the cache.
+holding ``n`` tokens owns ``ceil(n / block_size)`` blocks. A full block is keyed by
+``sha256(key of the previous block || its tokens)``, so equal prefixes give equal chains of keys (and
+different prefixes, in practice, never do) and a new request can start from the longest chain already cached.
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
 
 from dist_infer.engine.block_pool import BlockPool, KVCacheBlock
 
@@ -15,13 +18,30 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_key(parent: bytes | None, tokens) -> bytes:
+    """The prefix-cache key of a full block: a digest of its predecessor's key and its own tokens."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
+
+
+def block_keys(token_ids: list[int], num_tokens: int, block_size: int, keys: list[bytes] | None = None) -> list[bytes]:
+    """Keys of the full blocks among the first ``num_tokens`` tokens, extending ``keys`` (computed earlier)."""
+    keys = [] if keys is None else keys
+    parent = keys[-1] if keys else None
+    for i in range(len(keys), num_tokens // block_size):
+        parent = block_key(parent, token_ids[i * block_size:(i + 1) * block_size])
+        keys.append(parent)
+    return keys
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.block_tables: dict[str, list[KVCacheBlock]] = {}
         # Block keys of each request's full blocks, extended as its tokens grow.
-        self._keys: dict[str, list[tuple]] = {}
+        self._keys: dict[str, list[bytes]] = {}
         # How many of each request's leading blocks are already keyed in the pool.
         self._num_keyed: dict[str, int] = {}
 
@@ -48,16 +68,9 @@ class KVCacheManager:
         return [b.block_id for b in self.block_tables.get(request_id, ())]
 
     # ---- prefix cache --------------------------------------------------------------------------------
-    def _block_keys(self, request_id: str, token_ids: list[int], num_tokens: int) -> list[tuple]:
+    def _block_keys(self, request_id: str, token_ids: list[int], num_tokens: int) -> list[bytes]:
         """Keys of the full blocks among the first ``num_tokens`` tokens, computed once per block."""
-        keys = self._keys.setdefault(request_id, [])
-        bs = self.block_size
-        parent = hash(keys[-1]) if keys else None
-        for i in range(len(keys), num_tokens // bs):
-            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
-            keys.append(key)
-            parent = hash(key)
-        return keys
+        return block_keys(token_ids, num_tokens, self.block_size, self._keys.setdefault(request_id, []))
 
     def get_computed_blocks(self, request_id: str, token_ids: list[int]) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of full blocks, and how many tokens it covers.
@@ -103,9 +116,16 @@ class KVCacheManager:
                 self.pool.cache(table[i], keys[i])
         self._num_keyed[request_id] = max(start, full)
 
-    def free(self, request_id: str) -> None:
-        """Returns the request's blocks; its last blocks are queued first so shared prefixes outlive tails."""
+    def free(self, request_id: str, num_computed_tokens: int | None = None) -> None:
+        """Returns the request's blocks; its last blocks are queued first so shared prefixes outlive tails.
+
+        ``num_computed_tokens``: how many of its tokens the model has actually computed, when that is fewer
+        than its blocks were cached for (a request preempted in the step that scheduled them): blocks past
+        that point are taken out of the prefix cache, as they may never have been written."""
         table = self.block_tables.pop(request_id, [])
         self._keys.pop(request_id, None)
         self._num_keyed.pop(request_id, None)
+        if num_computed_tokens is not None:
+            for block in table[num_computed_tokens // self.block_size:]:
+                self.pool.uncache(block)
         self.pool.release(reversed(table))

@@ -44,6 +44,7 @@ class LLMEngine:
         self.cores = [EngineCore(config, num_blocks, d, self.executor) for d in range(replicas)]
         self.router = DataParallelRouter(replicas, config.cache_config.block_size)
         self._owner: dict[str, EngineCore] = {}
+        self._failure: BaseException | None = None  # a step that failed leaves the engine unusable
         self._ids = itertools.count()
 
     def _size_kv_cache(self) -> int:
@@ -69,9 +70,10 @@ class LLMEngine:
                     replica: int | None = None) -> None:
         """Validates and queues one request; a ValueError (nothing queued) if it is malformed or can never fit.
         ``replica`` pins it to one data-parallel replica (health checks), bypassing the router."""
+        self._check_usable()
         params = params or SamplingParams()
         processed = self.input_processor.process(prompt, params)
-        if request_id in self._owner:
+        if request_id in self._owner or any(core.scheduler.is_in_flight(request_id) for core in self.cores):
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, processed.prompt_token_ids, params, self.eos_token_ids,
                           processed.max_tokens, priority)
@@ -79,10 +81,14 @@ class LLMEngine:
             loads = [core.scheduler.outstanding_work() for core in self.cores]
             replica = self.router.route(processed.prompt_token_ids, loads)
         core = self.cores[replica]
-        core.scheduler.add_request(request)
-        self._owner[request_id] = core
         self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
                                           request.arrival_time)
+        try:
+            core.scheduler.add_request(request)
+        except BaseException:
+            self.output_processor.abort(request_id)
+            raise
+        self._owner[request_id] = core
 
     def abort_request(self, request_ids) -> list[RequestOutput]:
         """Stops requests and frees their blocks; returns their final outputs (finish_reason "abort")."""
@@ -112,19 +118,32 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return sum(core.scheduler.num_unfinished for core in self.cores)
 
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the engine stopped after a failed step: {self._failure}") from self._failure
+
     def step(self) -> list[RequestOutput]:
         """Schedule and start steps on every replica, wait for the first to come back, apply what returned."""
-        for core in self.cores:
-            core.fill_pipeline()
-        core_outputs = []
-        for core in self._wait_for_results():
-            core_outputs += core.finish_oldest()
+        self._check_usable()
+        try:
+            core_outputs = self._run_steps()
+        except BaseException as e:
+            self._failure = e  # requests of the failed step can no longer be accounted for
+            raise
         outputs, stopped = self.output_processor.process(core_outputs)
         self._finish(stopped, RequestStatus.FINISHED_STOPPED)
         for output in outputs:
             if output.finished:
                 self._owner.pop(output.request_id, None)
         return outputs
+
+    def _run_steps(self):
+        for core in self.cores:
+            core.fill_pipeline()
+        core_outputs = []
+        for core in self._wait_for_results():
+            core_outputs += core.finish_oldest()
+        return core_outputs
 
     def _wait_for_results(self) -> list[EngineCore]:
         """The cores whose oldest step is done, waiting (bounded) until there is at least one."""

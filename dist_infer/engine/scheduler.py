@@ -47,7 +47,7 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queues ``request``; a ValueError if it could never run."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self._in_flight:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         if request.max_total_tokens > self.max_model_len:
             raise ValueError(
@@ -61,6 +61,7 @@ class Scheduler:
                 f"lower max_tokens or give the KV cache more memory"
             )
         self.requests[request.request_id] = request
+        self.stats.requests_added += 1
         self._push_waiting(request)
 
     def _push_waiting(self, request: Request) -> None:
@@ -87,7 +88,9 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request.request_id)
+        # It may have been scheduled earlier in this very step: blocks past what was computed before it are
+        # cached already but will not be written now.
+        self.kv.free(request.request_id, num_computed_tokens=request.num_computed_tokens)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -97,6 +100,10 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    def is_in_flight(self, request_id: str) -> bool:
+        """True while a step that holds the request has not come back (even if it was aborted since)."""
+        return request_id in self._in_flight
 
     def outstanding_work(self) -> int:
         """Tokens still to compute or generate for every unfinished request (for load balancing)."""

@@ -39,6 +39,7 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, found there
     num_preemptions: int = 0  # since start
+    requests_added: int = 0  # since start
     num_steps: int = 0
     last_step_tokens: int = 0  # tokens computed by the latest step
     prompt_tokens_computed: int = 0  # since start; prefix-cache hits are not computed

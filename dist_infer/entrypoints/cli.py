@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-request-bytes", type=int, help="default 1 MiB")
     opt("--ready-timeout", type=float, help="seconds /ready may take (default 30)")
     opt("--log-level", help="uvicorn's log level (default warning)")
+    opt("--name", help="also register the engine as a named Ray actor other drivers reach with get_handle(NAME)")
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -218,7 +219,7 @@ def _serve(args) -> int:
     options.update({k: v for k, v in vars(args).items() if k in options})
     settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), options["api_key"],
                               options["max_waiting"], options["max_request_bytes"], options["ready_timeout"])
-    run_server(engine_args, settings, options["host"], options["port"], options["log_level"])
+    run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))
     return 0
 
 

@@ -18,14 +18,24 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
-                 distributed_executor_backend: str | None = None, **kwargs):
-        self.engine = LLMEngine.from_engine_args(
-            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend,
-            **kwargs)
+                 distributed_executor_backend: str | None = None, name: str | None = None, **kwargs):
+        """With ``name``, the engine runs in a detached named Ray actor that other Ray drivers and jobs reach with
+        ``dist_infer.get_handle(name)``; it stays up until ``shutdown()``."""
+        engine_kwargs = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                             data_parallel_size=data_parallel_size,
+                             distributed_executor_backend=distributed_executor_backend, **kwargs)
+        self.engine, self.handle = None, None
+        if name is not None:
+            from dist_infer.entrypoints.ray_service import start_service
+
+            self.handle = start_service(name, **engine_kwargs)
+        else:
+            self.engine = LLMEngine.from_engine_args(**engine_kwargs)
 
     def get_tokenizer(self):
+        if self.engine is None:
+            raise ValueError("the tokenizer lives in the named service; use generate() or chat()")
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -38,6 +48,8 @@ class LLM:
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
         params = self._per_prompt(sampling_params, len(prompts), "sampling_params")
+        if self.handle is not None:
+            return self.handle.generate(prompts, params)
         priorities = self._per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
         return self._run(prompts, params, priorities, use_tqdm)
 
@@ -45,6 +57,8 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None
              ) -> list[RequestOutput]:
         """``messages``: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them."""
+        if self.handle is not None:
+            return self.handle.chat(messages, sampling_params)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
@@ -91,7 +105,10 @@ class LLM:
         return [value] * n
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if self.handle is not None:
+            self.handle.shutdown()
+        else:
+            self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self

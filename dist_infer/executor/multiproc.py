@@ -16,6 +16,7 @@ import signal
 import threading
 from collections import deque
 from concurrent.futures import Future
+from multiprocessing.reduction import ForkingPickler
 
 from dist_infer.config import EngineConfig
 from dist_infer.distributed.utils import get_open_port, tcp_init_method
@@ -25,16 +26,20 @@ from dist_infer.executor.distributed import DistributedExecutor, WorkerHandle
 _SHUTDOWN = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this worker when the thread that started it exits (the engine is built on the main thread)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
-def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_rank: int, num_threads: int) -> None:
-    _die_with_parent()
+def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_rank: int, num_threads: int,
+                 parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     from dist_infer.distributed.parallel_state import destroy_distributed
     from dist_infer.worker.worker import Worker
 
@@ -66,7 +71,7 @@ class ProcessWorker(WorkerHandle):
         super().__init__(rank, coords)
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, name=f"dist-infer-worker-{rank}", daemon=True,
-                                   args=(child, config, rank, init_method, local_rank, num_threads))
+                                   args=(child, config, rank, init_method, local_rank, num_threads, os.getpid()))
         self.process.start()
         child.close()
         self._lock = threading.Lock()
@@ -81,22 +86,28 @@ class ProcessWorker(WorkerHandle):
     def call(self, method, args=(), kwargs=None) -> Future:
         future: Future = Future()
         what = method if isinstance(method, str) else getattr(method, "__name__", "rpc")
+        try:  # pickled here, so a call that cannot travel fails alone instead of stalling the pipe
+            message = bytes(ForkingPickler.dumps((method, args, kwargs or {})))
+        except Exception as e:
+            future.set_exception(self.error(what, f"the call cannot be sent to a worker process: {e}"))
+            return future
         with self._lock:
             if self._dead is not None:
                 future.set_exception(self.error(what, self._dead))
                 return future
             self._pending.append((future, what))
-            self._outbox.put((method, args, kwargs or {}))
+            self._outbox.put(message)
         return future
 
     def _send_loop(self) -> None:
         while True:
             message = self._outbox.get()
             try:
-                self.conn.send(message)
+                if message is _SHUTDOWN:
+                    self.conn.send(_SHUTDOWN)
+                    return
+                self.conn.send_bytes(message)
             except (OSError, ValueError):
-                return
-            if message is _SHUTDOWN:
                 return
 
     def _recv_loop(self) -> None:

@@ -4,7 +4,8 @@ SPMD: every process is started by ``torchrun --nproc-per-node N -m dist_infer.la
 world through torchrun's rendezvous (``env://``). Rank 0 runs the coordinator -- the engine, its scheduler,
 and its own worker -- and the other ranks run ``worker_loop``. Each step rank 0 broadcasts the scheduler
 output over the world's CPU group, every worker of the addressed replica runs it, and the replica's sampling
-rank sends the sampled tokens back to rank 0. Steps run one at a time; a failing rank ends the job through
+rank sends the sampled tokens back to rank 0. Steps run one at a time (so data-parallel replicas take turns
+rather than overlap; use ``mp`` or ``ray`` for concurrent replicas); a failing rank ends the job through
 torchrun, which stops every process of it.
 """
 
@@ -57,6 +58,7 @@ class TorchrunExecutor(Executor):
             raise RuntimeError("only rank 0 runs the coordinator; other ranks run dist_infer.launch's worker loop")
         self.worker = _start_worker(config, 0)
         self._closed = False
+        self._broken = False  # the ranks are out of step: no orderly shutdown is possible
 
     def collective_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list:
@@ -78,7 +80,13 @@ class TorchrunExecutor(Executor):
         _broadcast(("step", replica, scheduler_output))
         result = None
         if replica == 0:
-            result = self.worker.execute_model(scheduler_output)
+            try:
+                result = self.worker.execute_model(scheduler_output)
+            except BaseException:
+                # The other ranks may sit in this step's collectives: rank 0 must leave, and torchrun then
+                # stops the whole job.
+                self._broken = True
+                raise
         source = self.layout.output_rank(replica)
         if source != 0:
             box = [None]
@@ -91,10 +99,13 @@ class TorchrunExecutor(Executor):
         return future
 
     def shutdown(self) -> None:
-        if not self._closed:
-            self._closed = True
-            _broadcast(("shutdown",))
-            destroy_distributed()
+        if self._closed:
+            return
+        self._closed = True
+        if self._broken:
+            return  # exiting with the error makes torchrun stop every rank
+        _broadcast(("shutdown",))
+        destroy_distributed()
 
 
 def worker_loop(config: EngineConfig) -> None:

@@ -88,7 +88,7 @@ class ModelRunner:
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(new.sampling_params.seed)
+                generator.manual_seed(new.sampling_params.seed % 2**64)
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                 generator)

@@ -120,7 +120,11 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        try:
+            body = await metrics.render()
+        except EngineDeadError as e:
+            return error_response(503, f"the engine is not running: {e}", code="engine_dead")
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -166,11 +170,23 @@ def _finish(metrics: ServerMetrics, path: str, response):
     return response
 
 
-def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_level: str = "warning") -> None:
-    """Builds the engine, serves until interrupted, then shuts the engine (and its workers) down."""
+def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_level: str = "warning",
+               name: str | None = None) -> None:
+    """Builds the engine, serves until interrupted, then shuts the engine (and its workers) down.
+
+    With ``name``, the engine runs in a detached named Ray actor that other Ray drivers can also reach
+    (``dist_infer.get_handle(name)``), and this server talks to it."""
     import uvicorn
 
-    engine = AsyncLLMEngine(engine_args.create_engine_config())
+    config = engine_args.create_engine_config()
+    if name is not None:
+        from dataclasses import asdict
+
+        from dist_infer.entrypoints.ray_service import RemoteEngine, start_service
+
+        engine = RemoteEngine(start_service(name, **asdict(engine_args)), config)
+    else:
+        engine = AsyncLLMEngine(config)
     try:
         app = build_app(engine, settings)
         print(f"dist-infer serving {settings.model_name} on http://{host}:{port}", flush=True)

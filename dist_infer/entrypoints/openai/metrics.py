@@ -38,7 +38,8 @@ class ServerMetrics:
         self.e2e = Histogram("dist_infer_e2e_request_latency_seconds", "Arrival to last token", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.model_name = model_name
-        self.registry.register(_EngineCollector(engine, model_name))
+        self._engine_collector = _EngineCollector(engine, model_name)
+        self.registry.register(self._engine_collector)
 
     def count_response(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model_name, endpoint, str(status)).inc()
@@ -57,7 +58,9 @@ class ServerMetrics:
         if m.finished_time is not None:
             self.e2e.labels(name).observe(m.finished_time - m.arrival_time)
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        """The exposition text, with engine state read (on the engine's own thread) just before."""
+        await self._engine_collector.refresh()
         return generate_latest(self.registry)
 
 
@@ -66,6 +69,16 @@ class _EngineCollector:
 
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
+        self.replicas: list = []
+        self.timings: list[dict] = []
+
+    async def refresh(self) -> None:
+        self.replicas = await self.engine.replica_stats()
+        try:
+            self.timings = await self.engine.worker_timings()
+        except Exception as e:  # a dead worker: /ready reports it; the other metrics stay available
+            logger.warning("stage timings unavailable: %s", e)
+            self.timings = []
 
     def describe(self):
         return []
@@ -79,17 +92,20 @@ class _EngineCollector:
             "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / looked up", "prefix_cache_hit_rate"),
         }
         families = {k: GaugeMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in gauges.items()}
-        generated = CounterMetricFamily("dist_infer_replica_generation_tokens", "Tokens generated, per replica", labels=labels)
-        preemptions = CounterMetricFamily("dist_infer_preemptions", "Requests preempted, per replica", labels=labels)
-        for replica, core in enumerate(self.engine.engine.cores):
-            stats = core.scheduler.get_stats()
+        counters = {
+            "replica_requests": ("Requests routed to each replica", "requests_added"),
+            "replica_generation_tokens": ("Tokens generated, per replica", "generation_tokens"),
+            "prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache, per replica", "prefix_cache_hits"),
+            "preemptions": ("Requests preempted, per replica", "num_preemptions"),
+        }
+        totals = {k: CounterMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in counters.items()}
+        for replica, stats in enumerate(self.replicas):
             for key, (_, attr) in gauges.items():
                 families[key].add_metric([self.model_name, str(replica)], float(getattr(stats, attr)))
-            generated.add_metric([self.model_name, str(replica)], stats.generation_tokens)
-            preemptions.add_metric([self.model_name, str(replica)], stats.num_preemptions)
+            for key, (_, attr) in counters.items():
+                totals[key].add_metric([self.model_name, str(replica)], getattr(stats, attr))
         yield from families.values()
-        yield generated
-        yield preemptions
+        yield from totals.values()
         yield from self._stage_metrics()
 
     def _stage_metrics(self):
@@ -99,13 +115,8 @@ class _EngineCollector:
         idle = GaugeMetricFamily("dist_infer_stage_idle_ratio",
                                  "Fraction of time a stage had no step to compute (pipeline bubble or no work)",
                                  labels=stage_labels)
-        try:
-            timings = self.engine.engine.executor.collective_rpc("timing")
-        except Exception as e:  # a dead worker: /ready reports it; metrics stay available
-            logger.warning("stage timings unavailable: %s", e)
-            timings = []
         stages: dict[tuple[int, int], list[dict]] = {}
-        for t in timings:
+        for t in self.timings:
             stages.setdefault((t["dp_rank"], t["pp_rank"]), []).append(t)
         for (replica, stage), members in sorted(stages.items()):
             compute = max(t["compute_seconds"] for t in members)

@@ -80,7 +80,7 @@ class OpenAIServing:
                 params = base
                 if req.n > 1 and req.seed is not None:  # distinct but reproducible samples per choice
                     params = self._params(req, max_tokens, logprobs, kind)
-                    params.seed = req.seed + i
+                    params.seed = (req.seed + i) % 2**64
                 index = p * req.n + i
                 choices.append(_Choice(index, p, f"{tag}-{uuid.uuid4().hex}-{index}", ready, params))
         return choices
