@@ -190,6 +190,6 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
     try:
         app = build_app(engine, settings)
         print(f"dist-infer serving {settings.model_name} on http://{host}:{port}", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
     finally:
         engine.shutdown()
