@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -90,6 +91,23 @@ def test_flood_of_streams_all_end_in_an_answer(server):
     assert set(outcomes) <= {"completed", "rejected"}, [o for o in outcomes if o.startswith("odd")]
     assert outcomes.count("completed") >= 50  # the queue admits at least its own size
     print(f"completed={outcomes.count('completed')} rejected={outcomes.count('rejected')}")
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.base_url + CMPL, json=body, timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 6:
+                break  # leave mid-stream; closing the connection should abort the request
+    def drained():
+        samples = _samples(server)
+        return (_value(samples, "dist_infer_num_requests_running") == 0
+                and _value(samples, "dist_infer_kv_cache_usage_ratio") == 0)
+    deadline = time.monotonic() + 20  # finishing its 1500 tokens would take far longer than this
+    while not drained():
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.2)
 
 
 def _samples(server) -> dict:

@@ -47,10 +47,10 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        params = self._per_prompt(sampling_params, len(prompts), "sampling_params")
+        params = per_prompt(sampling_params, len(prompts), "sampling_params")
         if self.handle is not None:
             return self.handle.generate(prompts, params)
-        priorities = self._per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
+        priorities = per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
         return self._run(prompts, params, priorities, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -94,16 +94,6 @@ class LLM:
                         bar.update(1)
         return [results[i] for i in ids]
 
-    @staticmethod
-    def _per_prompt(value, n: int, name: str) -> list:
-        if value is None:
-            return [SamplingParams() for _ in range(n)]
-        if isinstance(value, (list, tuple)):
-            if len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
-            return list(value)
-        return [value] * n
-
     def shutdown(self) -> None:
         if self.handle is not None:
             self.handle.shutdown()
@@ -122,3 +112,14 @@ def apply_chat_template(tokenizer, conversation, add_generation_prompt: bool = T
         raise ValueError("the tokenizer has no chat template; pass chat_template= or use generate()")
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          chat_template=chat_template)
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    """One value per prompt: None gives default SamplingParams, a single value repeats, a list must match."""
+    if value is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n

@@ -20,6 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+from dist_infer.entrypoints.llm import per_prompt
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -134,7 +135,7 @@ class LLMHandle:
         import ray
 
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = _per_prompt(sampling_params, len(prompts))
+        params = per_prompt(sampling_params, len(prompts), "sampling_params")
         return ray.get(self.actor.generate.remote(prompts, params))
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -142,7 +143,8 @@ class LLMHandle:
         import ray
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return ray.get(self.actor.chat.remote(conversations, _per_prompt(sampling_params, len(conversations))))
+        params = per_prompt(sampling_params, len(conversations), "sampling_params")
+        return ray.get(self.actor.chat.remote(conversations, params))
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """The new text as it is generated."""
@@ -170,16 +172,6 @@ class LLMHandle:
             ray.get(self.actor.shutdown.remote(), timeout=60)
         finally:
             ray.kill(self.actor)
-
-
-def _per_prompt(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(n)]
-    if isinstance(params, (list, tuple)):
-        if len(params) != n:
-            raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
-        return list(params)
-    return [params] * n
 
 
 class RemoteEngine:
