@@ -1,0 +1,1 @@
+"""Quality evaluation: a fixed text corpus and perplexity over it."""
