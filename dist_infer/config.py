@@ -57,21 +57,27 @@ class ModelConfig:
     seed: int = 0
     max_model_len: int | None = None
     skip_tokenizer_init: bool = False
+    quantization: str | None = None
+    quantization_group_size: int = 64
 
     # Filled in by __post_init__.
     hf_config: Any = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False)
+    quant_config: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         from dist_infer.model_loader.resolve import resolve_model_path
         from dist_infer.models.registry import check_architecture
 
-        self.model = resolve_model_path(self.model)
+        # int4 with groups of 32 is what llama.cpp's Q4_0 / Q4_1 store: such GGUF files load without a fp32 detour.
+        self.model = resolve_model_path(self.model, keep_gguf_quantization=(
+            self.quantization == "int4" and self.quantization_group_size == 32))
         if self.tokenizer is None:
             self.tokenizer = self.model
         self.hf_config = _load_hf_config(self.model)
         check_architecture(self.hf_config)
         self.torch_dtype = parse_dtype(self.dtype, getattr(self.hf_config, "dtype", None))
+        self.quant_config = self._quant_config()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
@@ -86,6 +92,19 @@ class ModelConfig:
                 f"max_model_len={self.max_model_len} is larger than the model's context "
                 f"(max_position_embeddings={derived})"
             )
+
+    def _quant_config(self):
+        from dist_infer.layers.quantization.config import QuantConfig
+
+        stored = QuantConfig.from_checkpoint(self.hf_config)
+        if stored is not None:
+            if self.quantization not in (None, stored.method):
+                raise ValueError(f"quantization={self.quantization!r}, but the checkpoint is already quantized to "
+                                 f"{stored.method!r}")
+            return stored
+        if self.quantization is None:
+            return None
+        return QuantConfig(self.quantization, self.quantization_group_size)
 
     # Shape facts that every layer and the cache need, read once from the HF config.
     @property
@@ -122,7 +141,8 @@ class CacheConfig:
     """Paged KV cache.
 
     The pool holds ``num_blocks`` blocks of ``block_size`` tokens; full blocks are shared between requests
-    with the same prefix unless ``enable_prefix_caching`` is off. Its size comes from ``kv_cache_memory``
+    with the same prefix unless ``enable_prefix_caching`` is off. ``kv_cache_dtype="int8"`` stores keys and
+    values as int8 with a scale per block and head. Its size comes from ``kv_cache_memory``
     (bytes) when given; otherwise from ``gpu_memory_utilization`` of the GPU's memory after the weights, or,
     on the CPU, ``cpu_kv_cache_fraction`` of the RAM available at start.
     """
@@ -133,8 +153,11 @@ class CacheConfig:
     cpu_kv_cache_fraction: float = 0.1
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', got {self.kv_cache_dtype!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):

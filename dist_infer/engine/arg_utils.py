@@ -17,6 +17,8 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     skip_tokenizer_init: bool = False
+    quantization: str | None = None
+    quantization_group_size: int = 64
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -32,6 +34,7 @@ class EngineArgs:
     cpu_kv_cache_fraction: float = 0.1
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int | None = None
@@ -58,9 +61,10 @@ class EngineArgs:
                                   self.distributed_executor_backend, self.pipeline_layer_partition, self.ray_address,
                                   self.pipeline_placement, self.worker_timeout_s, self.max_batches_in_flight)
         model = ModelConfig(self.model, self.tokenizer, self.dtype, self.seed, self.max_model_len,
-                            self.skip_tokenizer_init)
+                            self.skip_tokenizer_init, self.quantization, self.quantization_group_size)
         cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                            self.cpu_kv_cache_fraction, self.num_gpu_blocks_override, self.enable_prefix_caching)
+                            self.cpu_kv_cache_fraction, self.num_gpu_blocks_override, self.enable_prefix_caching,
+                            self.kv_cache_dtype)
         scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.long_prefill_token_threshold)
         return EngineConfig(model, cache, scheduler, parallel)
 
@@ -77,6 +81,8 @@ class EngineArgs:
         add("--dtype", help="auto (default), float32, bfloat16 or float16")
         add("--seed", type=int, help="default 0")
         add("--max-model-len", type=int, help="default: the model's context")
+        add("--quantization", "-q", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
+        add("--quantization-group-size", type=int, help="int4 group size: 32, 64 (default) or 128")
         add("--tensor-parallel-size", "--tp", type=int, help="default 1")
         add("--pipeline-parallel-size", "--pp", type=int, help="default 1")
         add("--data-parallel-size", "--dp", type=int, help="default 1")
@@ -93,6 +99,7 @@ class EngineArgs:
         add("--kv-cache-memory", type=int, help="bytes for the KV cache")
         add("--gpu-memory-utilization", type=float, help="default 0.9")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="default on")
+        add("--kv-cache-dtype", choices=["auto", "int8"], help="auto (the model's dtype, default) or int8")
         add("--max-num-seqs", type=int, help="default 256")
         add("--max-num-batched-tokens", type=int, help="default 2048")
         add("--long-prefill-token-threshold", type=int, help="default: half of --max-num-batched-tokens")

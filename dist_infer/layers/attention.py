@@ -22,23 +22,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.layers.forward_context import get_attention_metadata
+from dist_infer.layers.kv_int8 import dequantize_rows, write_int8
 from dist_infer.layers.native_kernels import paged_decode, paged_decode_kernel
 
 
 class GatherWorkspace:
-    """One reusable buffer for the keys and values a layer gathers from the cache.
+    """One reusable buffer (per dtype) for the keys and values a layer gathers from the cache.
 
     Layers run one after another, so they can share it; reusing it matters because a fresh multi-megabyte
     allocation per layer and step is handed out by the OS page by page, which costs more than the copy.
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.buffer = torch.empty(0, dtype=dtype, device=device)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
-    def take(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.buffer.numel() < 2 * numel:
-            self.buffer = torch.empty(2 * numel, dtype=self.buffer.dtype, device=self.buffer.device)
-        return self.buffer[:numel], self.buffer[numel:2 * numel]
+    def take(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.numel() < 2 * numel:
+            buffer = self.buffers[dtype] = torch.empty(2 * numel, dtype=dtype, device=self.device)
+        return buffer[:numel], buffer[numel:2 * numel]
 
 
 class Attention(nn.Module):
@@ -51,11 +54,13 @@ class Attention(nn.Module):
         self.gqa = num_heads != num_kv_heads
         self.kv_cache: torch.Tensor | None = None
 
-    def bind_kv_cache(self, kv_cache: torch.Tensor, workspace: GatherWorkspace | None = None) -> None:
+    def bind_kv_cache(self, kv_cache: torch.Tensor, workspace: GatherWorkspace | None = None,
+                      kv_scales: torch.Tensor | None = None) -> None:
         """Attaches this layer's cache [2, num_blocks, block_size, num_kv_heads, head_dim] and the gather
-        buffer it shares with the other layers of its model."""
-        self.kv_cache = kv_cache
-        self.workspace = workspace or GatherWorkspace(kv_cache.dtype, kv_cache.device)
+        buffer it shares with the other layers of its model. An int8 cache comes with ``kv_scales``
+        [2, num_blocks, num_kv_heads] (see ``kv_int8.py``)."""
+        self.kv_cache, self.kv_scales = kv_cache, kv_scales
+        self.workspace = workspace or GatherWorkspace(kv_cache.device)
         self._native = None
         if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
             self._native = paged_decode_kernel()
@@ -74,8 +79,13 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        self._slots[0].index_copy_(0, meta.slot_mapping, k)
-        self._slots[1].index_copy_(0, meta.slot_mapping, v)
+        if self.kv_scales is None:
+            self._slots[0].index_copy_(0, meta.slot_mapping, k)
+            self._slots[1].index_copy_(0, meta.slot_mapping, v)
+        else:
+            block_size = self.kv_cache.shape[2]
+            write_int8(self.kv_cache[0], self.kv_scales[0], meta.slot_mapping, k, block_size)
+            write_int8(self.kv_cache[1], self.kv_scales[1], meta.slot_mapping, v, block_size)
 
         decodes = meta.decodes
         if decodes is not None and decodes.count == T:
@@ -88,15 +98,20 @@ class Attention(nn.Module):
             out[rows] = self._prefill(q[rows], k[rows], v[rows], span)
         return out.view(T, -1)
 
-    def _gather(self, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_tables [B, nb] -> keys, values [B, Hk, length, D] read from the cache."""
-        B = block_tables.shape[0]
+    def _gather(self, block_tables: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_tables [B, nb] -> keys, values [B, Hk, length, D] in ``dtype``, read from the cache."""
+        B, nb = block_tables.shape
         index = block_tables.reshape(-1)
         row = self._k_blocks.shape[1]
-        k_out, v_out = self.workspace.take(index.numel() * row)
+        k_out, v_out = self.workspace.take(index.numel() * row, self.kv_cache.dtype)
+        keys = torch.index_select(self._k_blocks, 0, index, out=k_out.view(-1, row))
+        values = torch.index_select(self._v_blocks, 0, index, out=v_out.view(-1, row))
+        if self.kv_scales is not None:
+            blocks = (B, nb, -1, self.num_kv_heads, self.head_dim)
+            keys = dequantize_rows(keys.view(blocks), self.kv_scales[0][block_tables], dtype)
+            values = dequantize_rows(values.view(blocks), self.kv_scales[1][block_tables], dtype)
         shape = (B, -1, self.num_kv_heads, self.head_dim)
-        keys = torch.index_select(self._k_blocks, 0, index, out=k_out.view(-1, row)).view(shape)
-        values = torch.index_select(self._v_blocks, 0, index, out=v_out.view(-1, row)).view(shape)
+        keys, values = keys.view(shape), values.view(shape)
         return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, decodes) -> torch.Tensor:
@@ -106,7 +121,7 @@ class Attention(nn.Module):
             return paged_decode(self._native, q, self.kv_cache[0], self.kv_cache[1], decodes.block_tables,
                                 decodes.seq_lens, self.scale, self.sliding_window)
         B = q.shape[0]
-        keys, values = self._gather(decodes.block_tables, decodes.max_seq_len)
+        keys, values = self._gather(decodes.block_tables, decodes.max_seq_len, q.dtype)
         grouped = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=decodes.mask(self.sliding_window),
                                              scale=self.scale)
@@ -119,7 +134,7 @@ class Attention(nn.Module):
         if ctx == 0:
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         else:
-            keys, values = self._gather(span.block_table.unsqueeze(0), total)
+            keys, values = self._gather(span.block_table.unsqueeze(0), total, q.dtype)
         if ctx == 0 and (self.sliding_window is None or total <= self.sliding_window):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
         else:

@@ -22,6 +22,8 @@ from torch import nn
 
 from dist_infer.distributed.parallel_state import get_tp_group
 from dist_infer.layers.linear_method import UnquantizedLinearMethod
+from dist_infer.layers.quantization.config import QuantConfig
+from dist_infer.layers.quantization.linear_method import QuantizedLinearMethod
 from dist_infer.layers.shard import TensorSource, check_dim, copy_into, narrow, source_shape
 
 
@@ -32,16 +34,24 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """Holds a [out_local, in_local] weight and optional [out_local] bias, created empty (the loader fills them)."""
+    """Holds a [out_local, in_local] weight (or its quantized form) and optional [out_local] bias, created empty
+    (the loader fills them). ``quant_config`` selects weight-only quantization."""
 
-    def __init__(self, in_local: int, out_local: int, bias: bool, params_dtype: torch.dtype | None):
+    splits_input = False  # row-parallel layers split their input features across ranks
+
+    def __init__(self, in_local: int, out_local: int, bias: bool, params_dtype: torch.dtype | None,
+                 quant_config: QuantConfig | None = None):
         super().__init__()
         dtype = params_dtype or torch.get_default_dtype()
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
-        self.linear_method = UnquantizedLinearMethod()
-        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        if quant_config is None:
+            self.linear_method = UnquantizedLinearMethod()
+            self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            self.linear_method = QuantizedLinearMethod(quant_config)
+            self.linear_method.create_weights(self, out_local, in_local, dtype, self.splits_input and self.tp_size > 1)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -62,8 +72,8 @@ class LinearBase(nn.Module):
 class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, params_dtype=None):
-        super().__init__(input_size, output_size, bias, params_dtype)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, params_dtype=None, quant_config=None):
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config)
 
     def weight_loader(self, param, loaded, shard_id=None):
         copy_into(param.data, narrow(loaded, 0, 0, source_shape(loaded)[0]))
@@ -80,11 +90,11 @@ class ColumnParallelLinear(LinearBase):
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
-                 params_dtype=None, output_sizes: list[int] | None = None):
+                 params_dtype=None, output_sizes: list[int] | None = None, quant_config=None):
         tp_size = get_tp_group().world_size
         self.output_sizes = list(output_sizes or [output_size])
         self.local_sizes = [_divide(s, tp_size, "output size") for s in self.output_sizes]
-        super().__init__(input_size, sum(self.local_sizes), bias, params_dtype)
+        super().__init__(input_size, sum(self.local_sizes), bias, params_dtype, quant_config)
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
 
@@ -115,8 +125,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     ``shard_id`` is the index of the checkpoint tensor in ``output_sizes``.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, params_dtype=None):
-        super().__init__(input_size, sum(output_sizes), bias=bias, params_dtype=params_dtype, output_sizes=output_sizes)
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, params_dtype=None,
+                 quant_config=None):
+        super().__init__(input_size, sum(output_sizes), bias=bias, params_dtype=params_dtype, output_sizes=output_sizes,
+                         quant_config=quant_config)
 
     def weight_loader(self, param, loaded, shard_id=None):
         if shard_id is None:
@@ -134,7 +146,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
-                 bias: bool = False, params_dtype=None):
+                 bias: bool = False, params_dtype=None, quant_config=None):
         tp_size = get_tp_group().world_size
         self.head_dim = head_dim
         self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
@@ -149,7 +161,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads, self.kv_replicas = _divide(total_num_kv_heads, tp_size, "num_key_value_heads"), 1
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.q_size, self.kv_size = q, kv
-        LinearBase.__init__(self, hidden_size, q + 2 * kv, bias, params_dtype)
+        LinearBase.__init__(self, hidden_size, q + 2 * kv, bias, params_dtype, quant_config)
         self.input_size = hidden_size
         self.gather_output = False
 
@@ -178,21 +190,25 @@ class RowParallelLinear(LinearBase):
     ``reduce_results``; the bias is added after the reduction so it counts once).
     """
 
+    splits_input = True
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True,
-                 params_dtype=None):
+                 params_dtype=None, quant_config=None):
         tp_size = get_tp_group().world_size
         self.input_size_local = _divide(input_size, tp_size, "input size")
-        super().__init__(self.input_size_local, output_size, bias, params_dtype)
+        super().__init__(self.input_size_local, output_size, bias, params_dtype, quant_config)
         self.input_size, self.output_size = input_size, output_size
         self.reduce_results = reduce_results
 
     def weight_loader(self, param, loaded, shard_id=None):
+        """Columns [r*c/p, (r+1)*c/p) of a 2-D tensor with c columns: the weight's input features, or an int4
+        scale's groups of them; 1-D tensors (the bias, int8 scales) are whole on every rank."""
         check_dim(loaded, 0, self.output_size)
-        if param.dim() == 1:  # the bias is not split
+        if param.dim() == 1:
             copy_into(param.data, narrow(loaded, 0, 0, self.output_size))
             return
-        check_dim(loaded, 1, self.input_size)
-        size = self.input_size_local
+        columns = source_shape(loaded)[1]
+        size = _divide(columns, self.tp_size, "input columns of a row-parallel tensor")
         copy_into(param.data, narrow(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class UnquantizedLinearMethod:
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         except RuntimeError:  # a CPU oneDNN cannot handle: stay on F.linear
             return
+        layer.packed_bytes = weight.numel() * weight.element_size()
         if not weight_shared:
             weight.data = torch.empty(0, dtype=weight.dtype)
 

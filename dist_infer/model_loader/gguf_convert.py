@@ -8,6 +8,7 @@ at once both end up reading one complete folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,9 +30,12 @@ def gguf_architecture(gguf_path: str | os.PathLike) -> str:
     return field.contents()
 
 
-def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False,
+                 keep_quantization: bool = False) -> Path:
     """Converts ``src`` (a Llama-family GGUF file) into the folder ``dest``; returns ``dest``.
 
+    With ``keep_quantization`` the decoder-layer linears are written as a dist-infer int4 (group 32)
+    checkpoint, 4-bit GGUF blocks taken over as they are; otherwise every tensor is dequantized to fp32.
     Safe to call from several processes at once: the first converts, the others wait and reuse its folder.
     """
     src, dest = Path(src), Path(dest)
@@ -54,7 +58,7 @@ def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: 
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            _write_folder(src, tmp, arch)
+            _write_folder(src, tmp, arch, keep_quantization)
             os.replace(tmp, dest)
         finally:
             if tmp.exists():
@@ -66,7 +70,7 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def _write_folder(src: Path, out: Path, arch: str) -> None:
+def _write_folder(src: Path, out: Path, arch: str, keep_quantization: bool = False) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -88,9 +92,18 @@ def _write_folder(src: Path, out: Path, arch: str) -> None:
     # transformers maps GGUF tensor names through a model skeleton; on the meta device it costs no memory.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    # Dequantizes tensor by tensor with a tqdm bar of its own.
-    parsed = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
-    tensors = {k: v.contiguous() for k, v in parsed["tensors"].items()}
+    if keep_quantization:
+        from dist_infer.layers.quantization.config import QuantConfig
+        from dist_infer.model_loader.gguf_quantized import Q4_BLOCK, quantized_tensors_from_gguf
+
+        tensors = quantized_tensors_from_gguf(str(src), skeleton, arch)
+        data = json.loads((out / "config.json").read_text())
+        data["quantization_config"] = QuantConfig("int4", Q4_BLOCK).checkpoint_entry()
+        (out / "config.json").write_text(json.dumps(data, indent=2))
+    else:
+        # Dequantizes tensor by tensor with a tqdm bar of its own.
+        parsed = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
+        tensors = {k: v.contiguous() for k, v in parsed["tensors"].items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": src.name})

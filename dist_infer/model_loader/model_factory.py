@@ -19,7 +19,7 @@ def build_model(model_config: ModelConfig, device: torch.device, layer_range: tu
     # Parameters are created empty on the target device and filled straight from the mapped files.
     with torch.device(device):
         model = cls(model_config.hf_config, model_config.torch_dtype, model_config.max_model_len,
-                    layer_range=layer_range, is_first=is_first, is_last=is_last)
+                    layer_range=layer_range, is_first=is_first, is_last=is_last, quant_config=model_config.quant_config)
     load_weights(model, model_config.model, after_each)
     # Bytes this rank holds, counted as loaded (before any repacking); a tied table counts once.
     model.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -28,4 +28,30 @@ def build_model(model_config: ModelConfig, device: torch.device, layer_range: tu
             module.process_weights_after_loading()
             if after_each is not None:
                 after_each()
+    model.weight_bytes = weight_bytes(model)
     return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy as it runs: quantized and repacked forms as held, each tensor once."""
+    seen, total = set(), 0
+
+    def count(t) -> None:
+        nonlocal total
+        if t is None or not t.numel():
+            return
+        key = t.untyped_storage().data_ptr()  # a tied table is one storage under two names
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for module in model.modules():
+        if getattr(module, "quantized", None) is not None:
+            for t in module.quantized.keep:
+                count(t)
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            total += module.packed_bytes
+        for p in module.parameters(recurse=False):
+            count(p.data)
+    return total

@@ -28,25 +28,29 @@ def default_model_gguf() -> Path:
     raise FileNotFoundError(f"package {DEFAULT_MODEL_PACKAGE} is installed but holds no {DEFAULT_MODEL_FILE}")
 
 
-def converted_folder_for(gguf_path: Path) -> Path:
-    """Cache folder for a GGUF file, keyed by its name, size and modification time."""
+def converted_folder_for(gguf_path: Path, keep_quantization: bool = False) -> Path:
+    """Cache folder for a GGUF file, keyed by its name, size and modification time (and the int4 form)."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "converted" / f"{gguf_path.stem}-{key}"
+    suffix = "-int4g32" if keep_quantization else ""
+    return cache_root() / "converted" / f"{gguf_path.stem}-{key}{suffix}"
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """``None`` -> the default model; ``*.gguf`` -> its cached conversion; a folder -> itself."""
+def resolve_model_path(model: str | os.PathLike | None, keep_gguf_quantization: bool = False) -> str:
+    """``None`` -> the default model; ``*.gguf`` -> its cached conversion (int4 group 32 kept as it is with
+    ``keep_gguf_quantization``); a folder -> itself."""
     from dist_infer.model_loader.gguf_convert import convert_gguf
 
     if model is None:
         gguf = default_model_gguf()
-        return str(convert_gguf(gguf, converted_folder_for(gguf)))
+        return str(convert_gguf(gguf, converted_folder_for(gguf, keep_gguf_quantization),
+                                keep_quantization=keep_gguf_quantization))
     path = Path(os.fspath(model)).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"model file not found: {path}")
-        return str(convert_gguf(path, converted_folder_for(path)))
+        return str(convert_gguf(path, converted_folder_for(path, keep_gguf_quantization),
+                                keep_quantization=keep_gguf_quantization))
     if not path.exists():
         raise ValueError(
             f"model path not found: {path} (dist-infer loads local folders or .gguf files; it never downloads)"

@@ -34,10 +34,12 @@ def sliding_window_for(config, layer_idx: int) -> int | None:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype, quant_config=None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, params_dtype=dtype)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, params_dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                                       params_dtype=dtype, quant_config=quant_config)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, params_dtype=dtype,
+                                           quant_config=quant_config)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,14 +47,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, dtype: torch.dtype):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, dtype: torch.dtype, quant_config=None):
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias=qkv_bias, params_dtype=dtype)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias=o_bias, params_dtype=dtype)
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias=qkv_bias, params_dtype=dtype,
+                                          quant_config=quant_config)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias=o_bias, params_dtype=dtype,
+                                        quant_config=quant_config)
         self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale=head_dim**-0.5,
                               sliding_window=sliding_window_for(config, layer_idx))
 
@@ -66,11 +70,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, dtype: torch.dtype):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, dtype: torch.dtype, quant_config=None):
         super().__init__()
         attn_bias = getattr(config, "attention_bias", False)
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype, quant_config)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), dtype,
+                            quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -90,14 +95,14 @@ class MissingLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int],
-                 is_first: bool, is_last: bool, qkv_bias: bool):
+                 is_first: bool, is_last: bool, qkv_bias: bool, quant_config=None):
         super().__init__()
         self.start, self.end = layer_range
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype) if is_first else None
         self.rotary_emb = RotaryEmbedding(config, head_dim, max_positions, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, dtype) if self.start <= i < self.end else MissingLayer()
+            LlamaDecoderLayer(config, i, qkv_bias, dtype, quant_config) if self.start <= i < self.end else MissingLayer()
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if is_last else None
@@ -128,12 +133,15 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
 
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int] | None = None,
-                 is_first: bool = True, is_last: bool = True):
+                 is_first: bool = True, is_last: bool = True, quant_config=None):
+        """``quant_config``: weight-only quantization of the decoder layers' linears (embedding and LM head
+        stay in ``dtype``)."""
         super().__init__()
         self.config = config
         self.layer_range = layer_range or (0, config.num_hidden_layers)
         self.is_first, self.is_last = is_first, is_last
-        self.model = LlamaModel(config, dtype, max_positions, self.layer_range, is_first, is_last, self.qkv_bias)
+        self.model = LlamaModel(config, dtype, max_positions, self.layer_range, is_first, is_last, self.qkv_bias,
+                                quant_config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype) if is_last else None
         if self.tied and is_first and is_last:

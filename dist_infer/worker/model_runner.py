@@ -10,11 +10,12 @@ from dist_infer.config import EngineConfig
 from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group
 from dist_infer.distributed.pipeline_comm import PipelineComm
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from dist_infer.layers.attention import Attention, GatherWorkspace
+from dist_infer.layers.attention import Attention
 from dist_infer.layers.forward_context import set_forward_context
 from dist_infer.layers.sampler import Sampler
 from dist_infer.model_loader.model_factory import build_model
 from dist_infer.worker.input_builder import build_step_inputs
+from dist_infer.worker.kv_cache import KVCacheStore
 from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
 
 
@@ -40,45 +41,17 @@ class ModelRunner:
             self.pp_comm = PipelineComm(pp, self.model_config.hf_config.hidden_size, self.model_config.torch_dtype,
                                         device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_store = KVCacheStore(self.attention_layers, self.block_size, self.model_config.torch_dtype,
+                                     config.cache_config.kv_cache_dtype, device)
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
-        self.kv_caches: list[torch.Tensor] = []
 
     # ---- KV cache ------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        """Bytes one block takes across this worker's layers: 2 (K and V) x layers x block x heads x dim."""
-        layer = self.attention_layers[0]
-        element = torch.empty(0, dtype=self.model_config.torch_dtype).element_size()
-        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
-        return per_layer * len(self.attention_layers)
+        return self.kv_store.bytes_per_block()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = []
-        workspace = GatherWorkspace(self.model_config.torch_dtype, self.device)
-        for layer in self.attention_layers:
-            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
-                                dtype=self.model_config.torch_dtype, device=self.device)
-            layer.bind_kv_cache(cache, workspace)
-            self.kv_caches.append(cache)
-        # Attention reads whole blocks and masks the unused slots; a masked NaN would still poison the
-        # output (0 * NaN), so each block is zeroed before first use. On the CPU this is done lazily, as
-        # zero-filling the whole pool up front would touch every page of it.
-        if self.device.type == "cpu":
-            self._block_zeroed = bytearray(num_blocks)
-        else:
-            for cache in self.kv_caches:
-                cache.zero_()
-            self._block_zeroed = bytearray(b"\x01") * num_blocks
-
-    def _zero_fresh_blocks(self, block_ids: list[int]) -> None:
-        fresh = [b for b in block_ids if not self._block_zeroed[b]]
-        if not fresh:
-            return
-        index = torch.tensor(fresh, dtype=torch.long, device=self.device)
-        for cache in self.kv_caches:
-            cache.index_fill_(1, index, 0)
-        for b in fresh:
-            self._block_zeroed[b] = 1
+        self.kv_store.allocate(num_blocks)
 
     # ---- request state -------------------------------------------------------------------------------
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -92,9 +65,11 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                 generator)
-            self._zero_fresh_blocks(new.block_ids)
+            # Blocks before num_computed_tokens are prefix-cache hits (whole blocks), the rest are to be written.
+            self.kv_store.prepare_blocks(new.block_ids, new.num_computed_tokens // self.block_size)
         for cached in sched.cached_requests:
-            self._zero_fresh_blocks(cached.new_block_ids)
+            fresh_from = cached.num_computed_tokens // self.block_size if cached.resumed_from_preemption else 0
+            self.kv_store.prepare_blocks(cached.new_block_ids, fresh_from)
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
             if cached.resumed_from_preemption:  # its old blocks went back to the pool

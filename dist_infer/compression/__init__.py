@@ -1,0 +1,1 @@
+"""Offline compression of Hugging Face checkpoints (pruning)."""

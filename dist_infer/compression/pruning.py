@@ -1,0 +1,314 @@
+"""Offline pruning of Llama-family Hugging Face checkpoints (Llama, Mistral, Qwen2).
+
+Only the decoder blocks' linear layers are touched (``q/k/v/o_proj``, ``gate/up/down_proj``; weights are
+``[out_features, in_features]``); embeddings, norms and ``lm_head`` never are.
+
+* ``unstructured``: per layer, zero the ``round(sparsity * numel)`` weights of smallest ``|w|``.
+* ``2:4``: in every run of 4 consecutive weights of a row (along the input dimension) keep the 2 largest ``|w|``.
+  Always exactly 50 %: the ``sparsity`` argument does not apply and is ignored.
+* ``structured``: remove whole KV groups (one KV head plus the ``num_heads / num_kv_heads`` query heads that
+  share it) and whole MLP channels, giving smaller dense matrices and an updated config. The same number is
+  removed in every layer (the config stays uniform), chosen per layer by importance measured on calibration text.
+
+The two masking methods write dense weights with zeros; exploiting the zeros at run time is not done here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+PRUNING_METHODS = ("unstructured", "2:4", "structured")
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+CALIBRATION_MAX_TOKENS = 256
+# Copied verbatim from src: everything a tokenizer or chat template may need, plus the generation defaults.
+COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                "*.tiktoken", "*.jinja", "chat_template.json", "generation_config.json")
+
+
+def prune_checkpoint(src: str, dest: str, method: str, sparsity: float = 0.5,
+                     tensor_parallel_size: int = 1, calibration_texts: list[str] | None = None,
+                     show_progress: bool = True) -> dict:
+    """Prune the Hugging Face folder ``src`` with ``method`` and write a complete Hugging Face folder to ``dest``.
+
+    Returns a summary: ``method``, ``sparsity`` (requested; 0.5 for 2:4), ``achieved_sparsity`` (fraction of the
+    original block-linear weights that are now zero or removed), ``pruned_linears`` (layers touched), and for
+    ``structured`` the sizes ``{heads,kv_heads,intermediate}_{before,after}``.
+    """
+    _validate(src, dest, method, sparsity, tensor_parallel_size)
+    if method == "2:4" and sparsity != 0.5:
+        warnings.warn(f"2:4 pruning always removes exactly half of the weights; sparsity={sparsity} is ignored")
+    sparsity = 0.5 if method == "2:4" else sparsity
+    from transformers import AutoModelForCausalLM
+
+    with _transformers_progress(show_progress), torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        layers = _decoder_layers(model)
+        before = sum(linear.weight.numel() for _, linear in _block_linears(layers))
+        summary = {"method": method, "sparsity": float(sparsity)}
+        if method == "structured":
+            summary.update(_prune_structured(model, layers, src, sparsity, tensor_parallel_size,
+                                             calibration_texts, show_progress))
+        else:
+            _prune_masked(layers, method, sparsity, show_progress)
+        linears = _block_linears(layers)
+        remaining = sum(int(torch.count_nonzero(linear.weight)) for _, linear in linears)
+        summary.update(achieved_sparsity=1.0 - remaining / before, pruned_linears=len(linears), dest=str(dest))
+        _save(model, src, dest)
+    return summary
+
+
+def _validate(src: str, dest: str, method: str, sparsity: float, tp: int) -> None:
+    if method not in PRUNING_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(PRUNING_METHODS)}")
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    if not os.path.isfile(os.path.join(str(src), "config.json")):
+        raise ValueError(f"source checkpoint not found: {src} (expected a Hugging Face folder with config.json)")
+    if os.path.exists(dest) and os.path.realpath(dest) == os.path.realpath(src):
+        raise ValueError(f"dest must differ from src ({src}): the source weights are read while writing")
+
+
+def _decoder_layers(model) -> list[nn.Module]:
+    """The decoder blocks, checked to carry the Llama-family projections (``_block_linears`` relies on them)."""
+    layers = list(getattr(getattr(model, "model", None), "layers", None) or [])
+    if not layers or not all(isinstance(getattr(getattr(layer, part, None), n, None), nn.Linear)
+                             for layer in layers for part, names in PROJECTIONS.items() for n in names):
+        raise ValueError(f"unsupported architecture {type(model).__name__}: expected a Llama-family decoder")
+    return layers
+
+
+def _block_linears(layers: list[nn.Module]) -> list[tuple[str, nn.Linear]]:
+    """``(name, linear)`` for every prunable projection, named as in the checkpoint."""
+    return [(f"model.layers.{i}.{part}.{n}", getattr(getattr(layer, part), n))
+            for i, layer in enumerate(layers) for part, names in PROJECTIONS.items() for n in names]
+
+
+@contextlib.contextmanager
+def _transformers_progress(show: bool):
+    """Silence transformers' own load/save progress bars when ``show`` is false (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    silence = not show and hf_logging.is_progress_bar_enabled()
+    if silence:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if silence:
+            hf_logging.enable_progress_bar()
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask (bool, ``weight``'s shape) dropping exactly ``round(sparsity * numel)`` weights of least ``|w|``.
+
+    ``topk`` over the flattened magnitudes (rather than a threshold) gives the exact count even with ties.
+    """
+    k = round(sparsity * weight.numel())
+    keep = torch.ones(weight.numel(), dtype=torch.bool)
+    if k:
+        keep[torch.topk(weight.abs().flatten(), k, largest=False).indices] = False
+    return keep.view_as(weight)
+
+
+def _check_two_four(name: str, in_features: int) -> None:
+    if in_features % 4:
+        raise ValueError(f"2:4 pruning needs the input dimension of {name} to be divisible by 4, got {in_features}")
+
+
+def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Keep-mask for 2:4 sparsity: ``weight [out, in]`` viewed as ``[out, in/4, 4]``, keep the top-2 ``|w|`` of 4."""
+    out_features, in_features = weight.shape
+    _check_two_four("weight", in_features)
+    groups = weight.abs().reshape(out_features, in_features // 4, 4)
+    keep = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return keep.view(out_features, in_features)
+
+
+def _prune_masked(layers: list[nn.Module], method: str, sparsity: float, show_progress: bool) -> None:
+    linears = _block_linears(layers)
+    for name, linear in linears if method == "2:4" else ():  # every shape first: fail before any work is done
+        _check_two_four(name, linear.in_features)
+    for _, linear in tqdm(linears, desc=f"pruning ({method})", disable=not show_progress, leave=False):
+        w = linear.weight
+        w.mul_(magnitude_mask(w, sparsity) if method == "unstructured" else two_four_mask(w))
+
+
+def groups_to_remove(num_heads: int, num_kv_heads: int, sparsity: float, tp: int,
+                     accepts: Callable[[int, int], bool] | None = None) -> int:
+    """KV groups to remove: the count nearest ``round(sparsity * num_kv_heads)`` (ties: fewer) that leaves at least
+    one group, KV heads valid for ``tp``, query heads divisible by ``tp``, and ``accepts(heads, kv_heads)``."""
+    group, target = num_heads // num_kv_heads, round(sparsity * num_kv_heads)
+    # dist-infer shards KV heads over the ranks (kv % tp == 0) or replicates them (tp % kv == 0)
+    valid = [r for r in range(num_kv_heads) for kv in [num_kv_heads - r] if (kv % tp == 0 or tp % kv == 0)
+             and (kv * group) % tp == 0 and (accepts is None or accepts(kv * group, kv))]
+    if not valid:
+        raise ValueError(f"no number of remaining attention heads fits tensor_parallel_size={tp} "
+                         f"(num_attention_heads={num_heads}, num_key_value_heads={num_kv_heads}"
+                         f"{'' if accepts is None else ', and sizes transformers can load'})")
+    return min(valid, key=lambda r: (abs(r - target), r))
+
+
+def _transformers_accepts(config, head_dim: int) -> Callable[[int, int], bool]:
+    """Whether transformers can load the config with fewer heads: e.g. ``LlamaConfig`` insists on
+    ``hidden_size % num_attention_heads == 0`` even when ``head_dim`` is explicit; Qwen2 and Mistral do not."""
+    base = config.to_dict()
+
+    def accepts(heads: int, kv_heads: int) -> bool:
+        try:
+            type(config).from_dict({**base, "head_dim": head_dim, "num_attention_heads": heads,
+                                    "num_key_value_heads": kv_heads})
+        except Exception:  # noqa: BLE001 - transformers' strict validators raise non-ValueError types too
+            return False
+        return True
+
+    # If even the unpruned sizes fail to round-trip, this check knows nothing: let every size through.
+    return accepts if accepts(config.num_attention_heads, config.num_key_value_heads) else (lambda h, kv: True)
+
+
+def channels_to_remove(intermediate_size: int, sparsity: float, tp: int) -> int:
+    """MLP channels to remove: the count nearest ``round(sparsity * intermediate_size)`` (ties: fewer) leaving a
+    positive intermediate size divisible by ``tp``."""
+    if intermediate_size < tp:
+        raise ValueError(f"intermediate_size={intermediate_size} cannot be split over tensor_parallel_size={tp}")
+    target = round(sparsity * intermediate_size)
+    valid = [intermediate_size - tp * k for k in range(1, intermediate_size // tp + 1)]
+    return min(valid, key=lambda r: (abs(r - target), r))
+
+
+def _calibration_batches(src: str, texts: list[str] | None, vocab_size: int) -> list[torch.Tensor]:
+    """Token ids ``[1, T <= CALIBRATION_MAX_TOKENS]`` per text, from the checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    if texts is None:
+        from dist_infer.eval.corpus import calibration_texts
+
+        texts = calibration_texts()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ValueError(f"structured pruning measures importance on text and needs the tokenizer of {src}: {e}")
+    encoded = (tokenizer(text, truncation=True, max_length=CALIBRATION_MAX_TOKENS)["input_ids"] for text in texts)
+    batches = [torch.tensor([ids]) for ids in encoded if ids]
+    if not batches:
+        raise ValueError("structured pruning needs non-empty calibration_texts")
+    if max(int(b.max()) for b in batches) >= vocab_size:
+        raise ValueError(f"the tokenizer of {src} produces ids beyond the model's vocab_size={vocab_size}")
+    return batches
+
+
+def measure_importance(model, layers: list[nn.Module], batches: list[torch.Tensor], num_kv_heads: int,
+                       show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance of every KV group ``[L, num_kv_heads]`` and MLP channel ``[L, intermediate]``.
+
+    Channel ``c`` of a projection's input scores ``mean_tokens |x_c| * ||W[:, c]||_2`` (how much output it
+    carries). A KV group scores the sum over its query heads' slice of ``o_proj``'s input (``G * head_dim``
+    channels, ``G = num_heads / num_kv_heads``); an MLP channel is one input channel of ``down_proj``.
+    """
+    sums = {}  # module -> running sum of |input| per channel (float64: many tokens)
+    handles = []
+
+    def accumulate(module, args):
+        x = args[0].detach()
+        sums[module] = sums.get(module, 0) + x.abs().reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+
+    for layer in layers:
+        handles += [layer.self_attn.o_proj.register_forward_pre_hook(accumulate),
+                    layer.mlp.down_proj.register_forward_pre_hook(accumulate)]
+    try:
+        for ids in tqdm(batches, desc="calibrating", disable=not show_progress, leave=False):
+            model.model(input_ids=ids, use_cache=False)  # the decoder alone: lm_head plays no part
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = sum(b.numel() for b in batches)
+
+    def score(linear):
+        return (sums[linear] / tokens) * linear.weight.double().norm(dim=0)
+
+    heads = torch.stack([score(layer.self_attn.o_proj).reshape(num_kv_heads, -1).sum(-1) for layer in layers])
+    channels = torch.stack([score(layer.mlp.down_proj) for layer in layers])
+    return heads, channels
+
+
+def _most_important(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in their original order (a stable sort breaks ties by position)."""
+    return torch.argsort(scores, descending=True, stable=True)[:keep].sort().values
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep output features ``rows`` (weight rows and bias entries)."""
+    linear.weight = nn.Parameter(linear.weight[rows].clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias[rows].clone())
+    linear.out_features = len(rows)
+
+
+def _keep_columns(linear: nn.Linear, columns: torch.Tensor) -> None:
+    """Keep input features ``columns``; the output (and so the bias) keeps its size."""
+    linear.weight = nn.Parameter(linear.weight[:, columns].clone())
+    linear.in_features = len(columns)
+
+
+def _slice_attention(attn: nn.Module, kept_groups: torch.Tensor, group: int, head_dim: int) -> None:
+    """Keep KV groups ``kept_groups``: rows ``[g*D, (g+1)*D)`` of k/v and ``[g*G*D, (g+1)*G*D)`` of q (and the
+    same columns of ``o_proj``); HF's ``repeat_kv`` pairs KV head ``g`` with query heads ``g*G .. g*G+G-1``."""
+    kv_rows = (kept_groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    q_rows = (kept_groups[:, None] * group * head_dim + torch.arange(group * head_dim)).flatten()
+    _keep_rows(attn.q_proj, q_rows)
+    _keep_rows(attn.k_proj, kv_rows)
+    _keep_rows(attn.v_proj, kv_rows)
+    _keep_columns(attn.o_proj, q_rows)
+
+
+def _prune_structured(model, layers, src, sparsity, tp, texts, show_progress) -> dict:
+    config = model.config
+    heads, intermediate = config.num_attention_heads, config.intermediate_size
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    remove_groups = groups_to_remove(heads, kv, sparsity, tp, _transformers_accepts(config, head_dim))
+    remove_channels = channels_to_remove(intermediate, sparsity, tp)
+    batches = _calibration_batches(src, texts, config.vocab_size)
+    head_scores, channel_scores = measure_importance(model, layers, batches, kv, show_progress)
+    for i, layer in enumerate(layers):
+        _slice_attention(layer.self_attn, _most_important(head_scores[i], kv - remove_groups), heads // kv, head_dim)
+        kept = _most_important(channel_scores[i], intermediate - remove_channels)
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            _keep_rows(proj, kept)
+        _keep_columns(layer.mlp.down_proj, kept)
+    # Pin head_dim first: without it transformers would derive hidden_size // num_attention_heads (now wrong).
+    config.head_dim = head_dim
+    new_kv = kv - remove_groups
+    config.num_attention_heads, config.num_key_value_heads = new_kv * (heads // kv), new_kv
+    config.intermediate_size = intermediate - remove_channels
+    return dict(heads_before=heads, heads_after=config.num_attention_heads, kv_heads_before=kv,
+                kv_heads_after=new_kv, intermediate_before=intermediate, intermediate_after=config.intermediate_size,
+                tensor_parallel_size=tp)
+
+
+def _save(model, src: str, dest: str) -> None:
+    """Weights (safetensors) and config via ``save_pretrained`` in the source's half precision if it had one
+    (``dtype``, or v4's ``torch_dtype``), then the tokenizer files copied verbatim."""
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(raw.get("dtype") or raw.get("torch_dtype")))
+    if dtype is not None:  # pruning ran in fp32; zeros stay zeros when cast back
+        model.to(dtype)
+        model.config.dtype = dtype
+    os.makedirs(dest, exist_ok=True)
+    model.save_pretrained(dest)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and any(fnmatch.fnmatch(name, pattern) for pattern in COPIED_FILES):
+            shutil.copy2(path, os.path.join(dest, name))

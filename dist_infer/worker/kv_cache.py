@@ -1,0 +1,73 @@
+"""The KV-cache tensors of one worker: allocation, binding to the attention layers, and block hygiene.
+
+Per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype, or int8 codes with
+[2, num_blocks, num_kv_heads] scales (``kv_cache_dtype="int8"``: half the bytes of bf16, a quarter of fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_infer.layers.attention import Attention, GatherWorkspace
+
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+class KVCacheStore:
+    def __init__(self, layers: list[Attention], block_size: int, dtype: torch.dtype, kv_cache_dtype: str,
+                 device: torch.device):
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+        self.layers, self.block_size, self.device = layers, block_size, device
+        self.int8 = kv_cache_dtype == "int8"
+        self.dtype = torch.int8 if self.int8 else dtype
+        self.caches: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] = []
+
+    def bytes_per_block(self) -> int:
+        """One block across all layers: 2 (K and V) x block x heads x dim x element, plus int8 scales."""
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        total = 0
+        for layer in self.layers:
+            total += 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
+            if self.int8:
+                total += 2 * layer.num_kv_heads * 4
+        return total
+
+    def allocate(self, num_blocks: int) -> None:
+        workspace = GatherWorkspace(self.device)
+        self.caches, self.scales = [], []
+        for layer in self.layers:
+            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+                                dtype=self.dtype, device=self.device)
+            scales = None
+            if self.int8:
+                scales = torch.zeros(2, num_blocks, layer.num_kv_heads, dtype=torch.float32, device=self.device)
+                self.scales.append(scales)
+            layer.bind_kv_cache(cache, workspace, scales)
+            self.caches.append(cache)
+        # Attention reads whole blocks and masks the unused slots; a masked NaN would still poison the
+        # output (0 * NaN), so each block is zeroed before first use. On the CPU this is done lazily, as
+        # zero-filling the whole pool up front would touch every page of it.
+        if self.device.type == "cpu":
+            self._zeroed = bytearray(num_blocks)
+        else:
+            for cache in self.caches:
+                cache.zero_()
+            self._zeroed = bytearray(b"\x01") * num_blocks
+
+    def prepare_blocks(self, block_ids: list[int], fresh_from: int = 0) -> None:
+        """Blocks a request was just given: each is zeroed on its first use ever; ``block_ids[fresh_from:]``
+        are about to be written (the ones before are prefix-cache hits) and start with int8 scales of 0."""
+        never_used = [b for b in block_ids if not self._zeroed[b]]
+        if never_used:
+            index = torch.tensor(never_used, dtype=torch.long, device=self.device)
+            for cache in self.caches:
+                cache.index_fill_(1, index, 0)
+            for b in never_used:
+                self._zeroed[b] = 1
+        fresh = block_ids[fresh_from:]
+        if self.int8 and fresh:
+            index = torch.tensor(fresh, dtype=torch.long, device=self.device)
+            for scales in self.scales:
+                scales.index_fill_(1, index, 0.0)
