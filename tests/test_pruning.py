@@ -117,8 +117,10 @@ def test_structured_counts_adjust_to_tensor_parallel_size():
     assert groups_to_remove(12, 6, 0.5, 4) == 2  # 3 KV heads fit neither way for tp=4; 4 remain (8 heads)
     assert groups_to_remove(8, 4, 0.9, 1) == 3  # at least one group stays
     assert groups_to_remove(8, 2, 0.5, 8) == 0  # 1 KV head would leave 4 query heads for 8 ranks
-    assert channels_to_remove(100, 0.5, 3) == 49  # 51 channels remain, divisible by 3
     assert channels_to_remove(96, 0.5, 2) == 48
+    assert channels_to_remove(1536, 0.3, 1) == 464  # 1072 remain: a multiple of 8 near 1536 - 461
+    assert channels_to_remove(100, 0.5, 3) == 52  # 48 remain: 16 channels on each of 3 ranks
+    assert channels_to_remove(20, 0.5, 3) == 11  # too small for 24: 9 remain, still divisible by 3
     with pytest.raises(ValueError, match="tensor_parallel_size=5"):
         groups_to_remove(8, 4, 0.5, 5)
     # LlamaConfig insists on hidden_size % num_attention_heads == 0: with hidden 32, 6 heads cannot be loaded

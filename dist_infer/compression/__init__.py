@@ -1,1 +1,1 @@
-"""Offline compression of Hugging Face checkpoints (pruning)."""
+"""Offline compression of Hugging Face checkpoints: pruning and weight quantization."""

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 PRUNING_METHODS = ("unstructured", "2:4", "structured")
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 CALIBRATION_MAX_TOKENS = 256
+CHANNEL_ALIGNMENT = 8  # remaining MLP channels per tensor-parallel rank, when the size allows
 # Copied verbatim from src: everything a tokenizer or chat template may need, plus the generation defaults.
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                 "*.tiktoken", "*.jinja", "chat_template.json", "generation_config.json")
@@ -179,11 +180,13 @@ def _transformers_accepts(config, head_dim: int) -> Callable[[int, int], bool]:
 
 def channels_to_remove(intermediate_size: int, sparsity: float, tp: int) -> int:
     """MLP channels to remove: the count nearest ``round(sparsity * intermediate_size)`` (ties: fewer) leaving a
-    positive intermediate size divisible by ``tp``."""
+    positive intermediate size divisible by ``tp``, and by ``CHANNEL_ALIGNMENT * tp`` when the model is that big
+    (per-rank sizes that are multiples of 8 suit GPU matmul tiles; costs at most a few channels of the target)."""
     if intermediate_size < tp:
         raise ValueError(f"intermediate_size={intermediate_size} cannot be split over tensor_parallel_size={tp}")
+    step = tp * CHANNEL_ALIGNMENT if intermediate_size >= tp * CHANNEL_ALIGNMENT else tp
     target = round(sparsity * intermediate_size)
-    valid = [intermediate_size - tp * k for k in range(1, intermediate_size // tp + 1)]
+    valid = [intermediate_size - step * k for k in range(1, intermediate_size // step + 1)]
     return min(valid, key=lambda r: (abs(r - target), r))
 
 

@@ -16,6 +16,9 @@ import os
 import sys
 
 
+MODEL_HELP = "Hugging Face folder, .gguf file, or 'default' (the embedded model)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist_infer.engine.arg_utils import EngineArgs
 
@@ -61,6 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(batch)
     batch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    ppl = sub.add_parser("eval-ppl", help="perplexity on a fixed corpus (standard-library docstrings)")
+    ppl.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="default: the embedded model")
+    ppl.add_argument("--max-tokens", dest="eval_tokens", type=int, default=4096, help="corpus tokens to score")
+    ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--chunk", type=int, default=128, help="tokens fed at once (later chunks read the KV cache)")
+    EngineArgs.add_cli_args(ppl)
+    ppl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    quant = sub.add_parser("quantize", help="write a weight-only quantized checkpoint")
+    quant.add_argument("model_path", metavar="MODEL", help=MODEL_HELP)
+    quant.add_argument("out", metavar="OUT")
+    quant.add_argument("--method", choices=["int8", "int4"], required=True)
+    quant.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    quant.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    prune = sub.add_parser("prune", help="write a pruned checkpoint (magnitude, 2:4 or structured heads/channels)")
+    prune.add_argument("model_path", metavar="MODEL", help=MODEL_HELP)
+    prune.add_argument("out", metavar="OUT")
+    prune.add_argument("--method", choices=["unstructured", "2:4", "structured"], required=True)
+    prune.add_argument("--sparsity", type=float, default=0.5,
+                       help="fraction of weights (unstructured) or of KV groups and MLP channels (structured)")
+    prune.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                       help="structured: keep every shape valid for this tensor-parallel size")
+    prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     conv = sub.add_parser("convert", help="convert a Llama-family GGUF file into a Hugging Face folder")
     conv.add_argument("src", metavar="SRC.gguf")
     conv.add_argument("dest", metavar="DEST")
@@ -84,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "eval-ppl":
+            return _eval_ppl(args)
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "prune":
+            return _prune(args)
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         return 130
@@ -220,6 +254,49 @@ def _serve(args) -> int:
     settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), options["api_key"],
                               options["max_waiting"], options["max_request_bytes"], options["ready_timeout"])
     run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))
+    return 0
+
+
+def _eval_ppl(args) -> int:
+    from dataclasses import asdict
+
+    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.eval.perplexity import perplexity
+
+    engine_args = EngineArgs.from_cli_args(args)
+    if args.model_path is not None:
+        engine_args.model = args.model_path
+    result = perplexity(args.eval_tokens, args.window, args.chunk, **asdict(engine_args))
+    print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens (corpus {result['corpus']}, "
+          f"window {result['window']}, chunk {result['chunk']}); weights {result['weight_bytes'] / 1e6:.1f} MB, "
+          f"KV cache {result['kv_bytes_per_token'] / 1024:.1f} KiB per token")
+    return 0
+
+
+def _quantize(args) -> int:
+    from dist_infer.compression.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(_model_arg(args.model_path), args.out, args.method, args.group_size)
+    print(f"{summary['linears_quantized']} linear layers quantized to {args.method}; "
+          f"{summary['bytes'] / 1e6:.1f} MB written to {args.out}")
+    return 0
+
+
+def _model_arg(model: str) -> str | None:
+    return None if model == "default" else model
+
+
+def _prune(args) -> int:
+    from dist_infer.compression.pruning import prune_checkpoint
+    from dist_infer.model_loader.resolve import resolve_model_path
+
+    summary = prune_checkpoint(resolve_model_path(_model_arg(args.model_path)), args.out, args.method, args.sparsity, args.tp)
+    line = f"{args.method} pruning: {summary['achieved_sparsity']:.1%} of the decoder-layer weights removed"
+    if args.method == "structured":
+        line += (f"; heads {summary['heads_before']}->{summary['heads_after']}, KV heads "
+                 f"{summary['kv_heads_before']}->{summary['kv_heads_after']}, MLP channels "
+                 f"{summary['intermediate_before']}->{summary['intermediate_after']}")
+    print(f"{line}; written to {args.out}")
     return 0
 
 
