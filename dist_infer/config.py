@@ -314,3 +314,19 @@ class EngineConfig:
                 f"{model.num_layers} layers"
             )
         parallel.layer_ranges(model.num_layers)  # raises on a partition that does not add up
+        self._check_quantization_groups(tp)
+
+    def _check_quantization_groups(self, tp: int) -> None:
+        """int4 groups run along the input features; a row-parallel layer (o_proj, down_proj) splits those over
+        the ranks, so each rank's slice must hold whole groups (at tp=1 a short last group is fine)."""
+        quant, model = self.model_config.quant_config, self.model_config
+        if quant is None or quant.method != "int4" or tp == 1:
+            return
+        inputs = {"o_proj": model.num_heads * model.head_dim, "down_proj": model.hf_config.intermediate_size}
+        for name, size in inputs.items():
+            if (size // tp) % quant.group_size:
+                raise ValueError(
+                    f"int4 groups of {quant.group_size} input features do not fit {name}: with "
+                    f"tensor_parallel_size={tp} each rank holds {size // tp} of its {size} input features; "
+                    f"choose a quantization_group_size that divides {size // tp}"
+                )

@@ -59,3 +59,34 @@ def test_decode_paths_match_plain_attention(monkeypatch, native, Hq, Hk, D, bs, 
     with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
         ours = layer._decode(q, batch)
     torch.testing.assert_close(ours, _reference(q, cache, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("Hq,Hk,D,bs,window", [(9, 3, 64, 16, None), (8, 1, 16, 4, 7)])
+def test_int8_cache_decode_paths_match_plain_attention_over_its_values(monkeypatch, native, Hq, Hk, D, bs, window):
+    """Keys and values written through the int8 cache: both decode paths attend over exactly the stored values
+    (codes times their block's scale), whatever rounding the writes did."""
+    from dist_infer.layers.kv_int8 import dequantize_rows, write_int8
+
+    monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1" if native else "0")
+    if native and paged_decode_kernel() is None:
+        pytest.skip("no C compiler for the native kernel on this machine")
+    lengths = [1, 5, bs, bs + 1, 3 * bs - 1, 77]
+    full, tables = _paged_setup(lengths, Hk, D, bs)
+    cache = torch.zeros(full.shape, dtype=torch.int8)
+    scales = torch.zeros(2, full.shape[1], Hk)
+    for table, n in zip(tables, lengths):
+        slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(n)])
+        for kv in range(2):
+            write_int8(cache[kv], scales[kv], slots, full[kv].flatten(0, 1)[slots], bs)
+    stored = torch.stack([dequantize_rows(cache[kv][None], scales[kv][None], torch.float32)[0] for kv in range(2)])
+    layer = Attention(Hq, D, Hk, scale=D ** -0.5, sliding_window=window)
+    layer.bind_kv_cache(cache, kv_scales=scales)
+    assert (layer._native is not None) == native
+    width = max(len(t) for t in tables)
+    batch = DecodeBatch(len(lengths), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                        torch.tensor(lengths), max(lengths))
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(1))
+    with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
+        ours = layer._decode(q, batch)
+    torch.testing.assert_close(ours, _reference(q, stored, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)

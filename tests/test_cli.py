@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -75,3 +76,28 @@ def test_two_concurrent_conversions_produce_one_complete_folder(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(dest))
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+
+
+def test_quantize_prune_and_eval_ppl_commands(tiny_llama_with_tokenizer, tmp_path):
+    """Each compression command writes a checkpoint the engine loads; eval-ppl scores the fixed corpus."""
+    quantized, pruned = str(tmp_path / "int8"), str(tmp_path / "structured")
+    result = _run("quantize", tiny_llama_with_tokenizer, quantized, "--method", "int8")
+    assert result.returncode == 0, result.stderr
+    assert "14 linear layers quantized to int8 (rtn)" in result.stdout
+    result = _run("prune", tiny_llama_with_tokenizer, pruned, "--method", "structured", "--sparsity", "0.5",
+                  "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    assert "KV heads 2->1" in result.stdout and "MLP channels 64->32" in result.stdout
+    scores = {}
+    for name, path in (("full", tiny_llama_with_tokenizer), ("int8", quantized), ("structured", pruned)):
+        result = _run("eval-ppl", path, "--max-tokens", "200", "--kv-cache-memory", str(1 << 22))
+        assert result.returncode == 0, result.stderr
+        assert "over 199 tokens" in result.stdout
+        scores[name] = float(result.stdout.split("perplexity ")[1].split()[0])
+    # mean negative log-likelihood per token (log of perplexity): int8 barely moves it; pruning moves it
+    nll = {name: math.log(score) for name, score in scores.items()}
+    assert abs(nll["int8"] - nll["full"]) < 0.01 * nll["full"]
+    assert nll["structured"] != nll["full"]
+    result = _run("prune", tiny_llama_with_tokenizer, str(tmp_path / "bad"), "--method", "structured",
+                  "--sparsity", "1.5")
+    assert result.returncode != 0 and "sparsity must be in [0, 1)" in result.stderr

@@ -15,7 +15,6 @@ The two masking methods write dense weights with zeros; exploiting the zeros at 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
@@ -27,9 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dist_infer.compression.calibration import calibration_batches, transformers_progress
+
 PRUNING_METHODS = ("unstructured", "2:4", "structured")
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-CALIBRATION_MAX_TOKENS = 256
 CHANNEL_ALIGNMENT = 8  # remaining MLP channels per tensor-parallel rank, when the size allows
 # Copied verbatim from src: everything a tokenizer or chat template may need, plus the generation defaults.
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
@@ -51,7 +51,7 @@ def prune_checkpoint(src: str, dest: str, method: str, sparsity: float = 0.5,
     sparsity = 0.5 if method == "2:4" else sparsity
     from transformers import AutoModelForCausalLM
 
-    with _transformers_progress(show_progress), torch.no_grad():
+    with transformers_progress(show_progress), torch.no_grad():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         layers = _decoder_layers(model)
         before = sum(linear.weight.numel() for _, linear in _block_linears(layers))
@@ -94,21 +94,6 @@ def _block_linears(layers: list[nn.Module]) -> list[tuple[str, nn.Linear]]:
     """``(name, linear)`` for every prunable projection, named as in the checkpoint."""
     return [(f"model.layers.{i}.{part}.{n}", getattr(getattr(layer, part), n))
             for i, layer in enumerate(layers) for part, names in PROJECTIONS.items() for n in names]
-
-
-@contextlib.contextmanager
-def _transformers_progress(show: bool):
-    """Silence transformers' own load/save progress bars when ``show`` is false (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    silence = not show and hf_logging.is_progress_bar_enabled()
-    if silence:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if silence:
-            hf_logging.enable_progress_bar()
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -190,27 +175,6 @@ def channels_to_remove(intermediate_size: int, sparsity: float, tp: int) -> int:
     return min(valid, key=lambda r: (abs(r - target), r))
 
 
-def _calibration_batches(src: str, texts: list[str] | None, vocab_size: int) -> list[torch.Tensor]:
-    """Token ids ``[1, T <= CALIBRATION_MAX_TOKENS]`` per text, from the checkpoint's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    if texts is None:
-        from dist_infer.eval.corpus import calibration_texts
-
-        texts = calibration_texts()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ValueError(f"structured pruning measures importance on text and needs the tokenizer of {src}: {e}")
-    encoded = (tokenizer(text, truncation=True, max_length=CALIBRATION_MAX_TOKENS)["input_ids"] for text in texts)
-    batches = [torch.tensor([ids]) for ids in encoded if ids]
-    if not batches:
-        raise ValueError("structured pruning needs non-empty calibration_texts")
-    if max(int(b.max()) for b in batches) >= vocab_size:
-        raise ValueError(f"the tokenizer of {src} produces ids beyond the model's vocab_size={vocab_size}")
-    return batches
-
-
 def measure_importance(model, layers: list[nn.Module], batches: list[torch.Tensor], num_kv_heads: int,
                        show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every KV group ``[L, num_kv_heads]`` and MLP channel ``[L, intermediate]``.
@@ -282,7 +246,7 @@ def _prune_structured(model, layers, src, sparsity, tp, texts, show_progress) ->
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     remove_groups = groups_to_remove(heads, kv, sparsity, tp, _transformers_accepts(config, head_dim))
     remove_channels = channels_to_remove(intermediate, sparsity, tp)
-    batches = _calibration_batches(src, texts, config.vocab_size)
+    batches = calibration_batches(src, texts, config.vocab_size, "structured pruning")
     head_scores, channel_scores = measure_importance(model, layers, batches, kv, show_progress)
     for i, layer in enumerate(layers):
         _slice_attention(layer.self_attn, _most_important(head_scores[i], kv - remove_groups), heads // kv, head_dim)

@@ -52,12 +52,27 @@ def write_quantized_config(src: str, dest: str, config: QuantConfig) -> None:
         json.dump(data, f, indent=2)
 
 
-def quantize_checkpoint(src: str, dest: str, method: str, group_size: int = 64, show_progress: bool = True) -> dict:
-    """Writes the quantized form of the Hugging Face folder ``src`` to ``dest``; returns a summary."""
+ALGORITHMS = ("rtn", "gptq")
+
+
+def quantize_checkpoint(src: str, dest: str, method: str, group_size: int = 64, show_progress: bool = True,
+                        algorithm: str = "rtn", calibration_texts: list[str] | None = None) -> dict:
+    """Writes the quantized form of the Hugging Face folder ``src`` to ``dest``; returns a summary.
+
+    ``algorithm="rtn"`` rounds every weight to its nearest level (what ``quantization=`` does at load time);
+    ``"gptq"`` lets later columns absorb each column's rounding error, measured on ``calibration_texts``
+    (default: the pinned calibration passages), see ``compression/gptq.py``."""
     from dist_infer.model_loader.resolve import resolve_model_path
 
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown quantization algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
     src = resolve_model_path(src)
     config = QuantConfig(method, group_size, prequantized=True)
+    precomputed = {}
+    if algorithm == "gptq":
+        from dist_infer.compression.gptq import gptq_checkpoint_tensors
+
+        precomputed = gptq_checkpoint_tensors(src, method, group_size, calibration_texts, show_progress)
     os.makedirs(dest, exist_ok=True)
     write_quantized_config(src, dest, config)
     copy_side_files(src, dest)
@@ -68,11 +83,15 @@ def quantize_checkpoint(src: str, dest: str, method: str, group_size: int = 64, 
             names = listed or list(f.keys())
             for name in tqdm(names, desc=f"Quantizing to {method}", disable=not show_progress):
                 tensor = f.get_tensor(name)
-                if LINEAR.match(name):
+                if name in precomputed:
+                    base = name[: -len(".weight")]
+                    out.update({f"{base}.weight_{part}": t for part, t in precomputed[name].items()})
+                    quantized += 1
+                elif LINEAR.match(name):
                     out.update(quantized_tensors(name, tensor, config))
                     quantized += 1
                 else:
                     out[name] = tensor.contiguous()
     save_file(out, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
-    return {"method": method, "group_size": group_size if method == "int4" else None, "linears_quantized": quantized,
-            "bytes": os.path.getsize(os.path.join(dest, "model.safetensors"))}
+    return {"method": method, "algorithm": algorithm, "group_size": group_size if method == "int4" else None,
+            "linears_quantized": quantized, "bytes": os.path.getsize(os.path.join(dest, "model.safetensors"))}

@@ -93,13 +93,13 @@ class ParallelGroup:
     def prev_rank(self) -> int:
         return self.ranks[(self.rank_in_group - 1) % self.world_size]
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of ``x`` over the group, in place; identity for a single rank."""
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or ``op="max"``: elementwise maximum) of ``x`` over the group, in place; identity for one rank."""
         if self.world_size == 1:
             return x
         import torch.distributed as dist
 
-        dist.all_reduce(x, group=self.device_group)
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=self.device_group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:

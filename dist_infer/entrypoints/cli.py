@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("out", metavar="OUT")
     quant.add_argument("--method", choices=["int8", "int4"], required=True)
     quant.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    quant.add_argument("--algorithm", choices=["rtn", "gptq"], default="rtn",
+                       help="rtn: round to nearest; gptq: correct rounding errors using calibration text")
     quant.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     prune = sub.add_parser("prune", help="write a pruned checkpoint (magnitude, 2:4 or structured heads/channels)")
@@ -104,20 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         _quiet_libraries()
     try:
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "batch":
-            return _batch(args)
-        if args.command == "eval-ppl":
-            return _eval_ppl(args)
-        if args.command == "quantize":
-            return _quantize(args)
-        if args.command == "prune":
-            return _prune(args)
+        commands = {"generate": _generate, "convert": _convert, "serve": _serve, "batch": _batch,
+                    "eval-ppl": _eval_ppl, "quantize": _quantize, "prune": _prune}
+        if args.command in commands:
+            return commands[args.command](args)
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         return 130
@@ -276,8 +268,9 @@ def _eval_ppl(args) -> int:
 def _quantize(args) -> int:
     from dist_infer.compression.quantize import quantize_checkpoint
 
-    summary = quantize_checkpoint(_model_arg(args.model_path), args.out, args.method, args.group_size)
-    print(f"{summary['linears_quantized']} linear layers quantized to {args.method}; "
+    summary = quantize_checkpoint(_model_arg(args.model_path), args.out, args.method, args.group_size,
+                                  algorithm=args.algorithm)
+    print(f"{summary['linears_quantized']} linear layers quantized to {args.method} ({args.algorithm}); "
           f"{summary['bytes'] / 1e6:.1f} MB written to {args.out}")
     return 0
 

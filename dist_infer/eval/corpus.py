@@ -41,7 +41,7 @@ def stdlib_docstrings() -> str:
     return "\n\n".join(doc for module in MODULES for doc in _docstrings(_source_path(module)))
 
 
-CALIBRATION_PASSAGES = 64
+CALIBRATION_PASSAGES = 256
 
 
 def _passages() -> list[str]:

@@ -62,8 +62,8 @@ class Attention(nn.Module):
         self.kv_cache, self.kv_scales = kv_cache, kv_scales
         self.workspace = workspace or GatherWorkspace(kv_cache.device)
         self._native = None
-        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
-            self._native = paged_decode_kernel()
+        if kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.int8):
+            self._native = paged_decode_kernel()  # used for fp32 queries (see _decode)
         num_blocks = kv_cache.shape[1]
         # Slot-indexed views for the writes: [2, num_blocks * block_size, num_kv_heads, head_dim].
         self._slots = kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
@@ -117,9 +117,9 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, decodes) -> torch.Tensor:
         """q [B, Hq, D] -> [B, Hq, D]. The G = Hq/Hk query heads sharing a K/V head attend as G query rows
         of that head, so K/V are never expanded."""
-        if self._native is not None:
+        if self._native is not None and q.dtype == torch.float32:
             return paged_decode(self._native, q, self.kv_cache[0], self.kv_cache[1], decodes.block_tables,
-                                decodes.seq_lens, self.scale, self.sliding_window)
+                                decodes.seq_lens, self.scale, self.sliding_window, self.kv_scales)
         B = q.shape[0]
         keys, values = self._gather(decodes.block_tables, decodes.max_seq_len, q.dtype)
         grouped = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)

@@ -62,10 +62,11 @@ def _load() -> ctypes.CDLL | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    fn = lib.dist_infer_paged_decode_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr]
-    fn.restype = None
+    sizes = [i64] * 6 + [ctypes.c_float, i64, ptr]  # B, Hq, Hk, D, bs, W, scale, window, out
+    lib.dist_infer_paged_decode_f32.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, *sizes]
+    lib.dist_infer_paged_decode_i8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, *sizes]
+    lib.dist_infer_paged_decode_f32.restype = lib.dist_infer_paged_decode_i8.restype = None
     return lib
 
 
@@ -83,13 +84,19 @@ def paged_decode_kernel():
 
 
 def paged_decode(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
-    """q [B, Hq, D] (rows may be strided), caches [NB, bs, Hk, D] fp32 -> [B, Hq, D]."""
+                 seq_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                 kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] fp32 (rows may be strided), caches [NB, bs, Hk, D] fp32 -- or int8 with ``kv_scales``
+    [2, NB, Hk] -- -> [B, Hq, D]."""
     B, Hq, D = q.shape
     NB, bs, Hk, _ = k_cache.shape
     assert q.stride(2) == 1 and q.stride(1) == D, "each query row must be contiguous"
     out = torch.empty(B, Hq, D, dtype=q.dtype)
-    lib.dist_infer_paged_decode_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                    block_tables.data_ptr(), seq_lens.data_ptr(), B, Hq, Hk, D, bs,
-                                    block_tables.shape[1], scale, sliding_window or 0, out.data_ptr())
+    sizes = (block_tables.data_ptr(), seq_lens.data_ptr(), B, Hq, Hk, D, bs, block_tables.shape[1], scale,
+             sliding_window or 0, out.data_ptr())
+    if kv_scales is None:
+        lib.dist_infer_paged_decode_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), *sizes)
+    else:
+        lib.dist_infer_paged_decode_i8(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                       kv_scales[0].data_ptr(), kv_scales[1].data_ptr(), *sizes)
     return out

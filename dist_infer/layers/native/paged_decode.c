@@ -10,6 +10,10 @@
  * ones when window > 0). The G = Hq / Hk query heads sharing K/V head h are processed together, block by
  * block, with an online softmax: running max m, running sum s, running weighted sum acc, rescaled by
  * exp(m_old - m_new) whenever the max grows.
+ *
+ * The int8 variant reads codes c with a scale per (block, K/V head), ks/vs [NB, Hk]: k = c * ks, v = c * vs
+ * (see kv_int8.py); the scales are applied once per block to the dot products and the softmax weights.
+ * Both variants share one body, specialized by the compiler for each element type.
  */
 #include <float.h>
 #include <math.h>
@@ -18,10 +22,12 @@
 
 /* Built with -ffast-math (finite math), so "minus infinity" is -FLT_MAX: exp(-FLT_MAX - x) is still 0.
  * q_stride is the distance between consecutive tokens' queries (the queries may be a slice of a wider row). */
-void dist_infer_paged_decode_f32(const float *q, int64_t q_stride, const float *k, const float *v,
-                                 const int64_t *tables, const int64_t *lens, int64_t B, int64_t Hq, int64_t Hk,
-                                 int64_t D, int64_t bs, int64_t W, float scale, int64_t window, float *out)
+static inline __attribute__((always_inline)) void
+decode(const float *q, int64_t q_stride, const void *k, const void *v, const float *ks, const float *vs, int i8,
+       const int64_t *tables, const int64_t *lens, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs,
+       int64_t W, float scale, int64_t window, float *out)
 {
+#define LOAD(base, i) (i8 ? (float)((const int8_t *)(base))[i] : ((const float *)(base))[i])
     const int64_t G = Hq / Hk;
     const int64_t tok_stride = Hk * D;
     const int64_t blk_stride = bs * Hk * D;
@@ -48,19 +54,21 @@ void dist_infer_paged_decode_f32(const float *q, int64_t q_stride, const float *
             }
             for (int64_t j = first / bs; j * bs < L; ++j) {
                 const int64_t block = tables[b * W + j];
-                const float *kb = k + block * blk_stride + h * D;
-                const float *vb = v + block * blk_stride + h * D;
+                const int64_t base = block * blk_stride + h * D;
+                const float k_scale = i8 ? ks[block * Hk + h] : 1.0f;
+                const float v_scale = i8 ? vs[block * Hk + h] : 1.0f;
                 const int64_t t0 = (j * bs < first) ? first - j * bs : 0;
                 const int64_t t1 = (L - j * bs < bs) ? L - j * bs : bs;
                 for (int64_t g = 0; g < G; ++g) {
                     const float *qg = qs + g * D;
                     float block_max = -FLT_MAX;
                     for (int64_t t = t0; t < t1; ++t) {
-                        const float *kt = kb + t * tok_stride;
+                        const int64_t kt = base + t * tok_stride;
                         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                         for (int64_t d = 0; d < D; ++d)
-                            dot += qg[d] * kt[d];
+                            dot += qg[d] * LOAD(k, kt + d);
+                        dot *= k_scale;
                         p[t] = dot;
                         block_max = dot > block_max ? dot : block_max;
                     }
@@ -77,11 +85,11 @@ void dist_infer_paged_decode_f32(const float *q, int64_t q_stride, const float *
                         sum += p[t];
                     }
                     for (int64_t t = t0; t < t1; ++t) {
-                        const float *vt = vb + t * tok_stride;
-                        const float w = p[t];
+                        const int64_t vt = base + t * tok_stride;
+                        const float w = p[t] * v_scale;
 #pragma omp simd
                         for (int64_t d = 0; d < D; ++d)
-                            ag[d] += w * vt[d];
+                            ag[d] += w * LOAD(v, vt + d);
                     }
                     s[g] = sum;
                     m[g] = new_max;
@@ -100,4 +108,19 @@ void dist_infer_paged_decode_f32(const float *q, int64_t q_stride, const float *
         free(m);
         free(s);
     }
+}
+#undef LOAD
+
+void dist_infer_paged_decode_f32(const float *q, int64_t q_stride, const float *k, const float *v,
+                                 const int64_t *tables, const int64_t *lens, int64_t B, int64_t Hq, int64_t Hk,
+                                 int64_t D, int64_t bs, int64_t W, float scale, int64_t window, float *out)
+{
+    decode(q, q_stride, k, v, NULL, NULL, 0, tables, lens, B, Hq, Hk, D, bs, W, scale, window, out);
+}
+
+void dist_infer_paged_decode_i8(const float *q, int64_t q_stride, const int8_t *k, const int8_t *v, const float *ks,
+                                const float *vs, const int64_t *tables, const int64_t *lens, int64_t B, int64_t Hq,
+                                int64_t Hk, int64_t D, int64_t bs, int64_t W, float scale, int64_t window, float *out)
+{
+    decode(q, q_stride, k, v, ks, vs, 1, tables, lens, B, Hq, Hk, D, bs, W, scale, window, out);
 }

@@ -1,7 +1,9 @@
 """How a quantized linear layer holds and applies its weight.
 
 From a full-precision checkpoint, the layer loads its weight as usual (its tensor-parallel shard) and
-quantizes that shard after loading, so tensor parallelism and quantization compose. From a checkpoint that
+quantizes that shard after loading, so tensor parallelism and quantization compose. A row-parallel shard holds
+part of each output row: for int8 the ranks agree on the row's maximum (one all-reduce) so that the per-row
+scale is the same as at tp=1; int4 groups lie inside a shard and need nothing. From a checkpoint that
 ``dist-infer quantize`` wrote, it loads q, scale (and zero) directly, through the same sharding loaders:
 column-parallel layers slice them by output rows, row-parallel layers by input columns (for int4 the group
 columns split with them, which is why each rank's input slice must hold whole groups).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_infer.distributed.parallel_state import get_tp_group
 from dist_infer.layers.quantization.config import QuantConfig
 from dist_infer.layers.quantization.kernels import QuantizedWeight, choose_kernels
 from dist_infer.layers.quantization.math import num_groups, quantize_int4, quantize_int8
@@ -48,7 +51,11 @@ class QuantizedLinearMethod:
             q, scale = layer.weight_q.data, layer.weight_scale.data
             zero = layer.weight_zero.data if cfg.method == "int4" else None
         elif cfg.method == "int8":
-            q, scale = quantize_int8(layer.weight.data)
+            absmax = None
+            if getattr(layer, "splits_input", False) and layer.tp_size > 1:
+                # The scale belongs to the whole output row, as at tp=1 and in a quantized checkpoint.
+                absmax = get_tp_group().all_reduce(layer.weight.data.abs().amax(dim=1).float(), op="max")
+            q, scale = quantize_int8(layer.weight.data, absmax)
             zero = None
         else:
             q, scale, zero = quantize_int4(layer.weight.data, cfg.group_size)
