@@ -252,9 +252,11 @@ def render(rows: dict, meta: dict, args) -> str:
         "recovers.",
         "- Greedy agreement over 128 tokens of raw-text continuation is strict: one flipped near-tie changes the "
         "rest of the sequence, so even bf16 parts from fp32 early; perplexity is the finer measure of quality.",
-        "- On this CPU the fused weight-only kernels win at batch 1 (memory-bound) but not at batch 32, where "
-        "fp32 runs oneDNN's packed matmul; the int8 KV cache reads through the PyTorch gather path instead of the "
-        "fused C decode kernel, hence its lower speed. Pruned rows are without any recovery fine-tuning.",
+        "- On this CPU the fused weight-only kernels win at batch 1 (memory-bound) but hardly at batch 32, where "
+        "fp32 runs oneDNN's packed matmul. The kernel is chosen by timing per shape, so runs may differ in it "
+        "(and in the last digits of int8's perplexity); `DIST_INFER_QUANT_KERNEL` pins it. The int8 KV cache "
+        "decodes in the same fused C kernel as fp32, scaling per block. Pruned rows have no recovery "
+        "fine-tuning. Speeds on this shared 2-core machine vary by about ±10 % between runs; compare ratios.",
     ]
     return "\n".join(lines) + "\n"
 
