@@ -40,6 +40,20 @@ def _reference(q, cache, tables, lengths, scale, window):
     return torch.stack(outs)
 
 
+def _check_decode(native, Hq, Hk, D, window, cache, scales, values, tables, lengths):
+    """Decodes one query per sequence through ``cache`` and compares with plain attention over ``values``."""
+    layer = Attention(Hq, D, Hk, scale=D ** -0.5, sliding_window=window)
+    layer.bind_kv_cache(cache, kv_scales=scales)
+    assert (layer._native is not None) == native
+    width = max(len(t) for t in tables)
+    batch = DecodeBatch(len(lengths), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                        torch.tensor(lengths), max(lengths))
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(1))
+    with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
+        ours = layer._decode(q, batch)
+    torch.testing.assert_close(ours, _reference(q, values, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("Hq,Hk,D,bs,window", [(9, 3, 64, 16, None), (4, 4, 32, 8, None), (8, 1, 16, 4, 7),
                                                 (6, 2, 8, 16, 20)])
@@ -49,16 +63,7 @@ def test_decode_paths_match_plain_attention(monkeypatch, native, Hq, Hk, D, bs, 
         pytest.skip("no C compiler for the native kernel on this machine")
     lengths = [1, 5, bs, bs + 1, 3 * bs - 1, 77]
     cache, tables = _paged_setup(lengths, Hk, D, bs)
-    layer = Attention(Hq, D, Hk, scale=D ** -0.5, sliding_window=window)
-    layer.bind_kv_cache(cache)
-    assert (layer._native is not None) == native
-    width = max(len(t) for t in tables)
-    batch = DecodeBatch(len(lengths), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-                        torch.tensor(lengths), max(lengths))
-    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(1))
-    with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
-        ours = layer._decode(q, batch)
-    torch.testing.assert_close(ours, _reference(q, cache, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)
+    _check_decode(native, Hq, Hk, D, window, cache, None, cache, tables, lengths)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -80,13 +85,4 @@ def test_int8_cache_decode_paths_match_plain_attention_over_its_values(monkeypat
         for kv in range(2):
             write_int8(cache[kv], scales[kv], slots, full[kv].flatten(0, 1)[slots], bs)
     stored = torch.stack([dequantize_rows(cache[kv][None], scales[kv][None], torch.float32)[0] for kv in range(2)])
-    layer = Attention(Hq, D, Hk, scale=D ** -0.5, sliding_window=window)
-    layer.bind_kv_cache(cache, kv_scales=scales)
-    assert (layer._native is not None) == native
-    width = max(len(t) for t in tables)
-    batch = DecodeBatch(len(lengths), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-                        torch.tensor(lengths), max(lengths))
-    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(1))
-    with set_forward_context(AttentionMetadata(torch.empty(0, dtype=torch.long), batch, [])):
-        ours = layer._decode(q, batch)
-    torch.testing.assert_close(ours, _reference(q, stored, tables, lengths, D ** -0.5, window), atol=2e-5, rtol=0)
+    _check_decode(native, Hq, Hk, D, window, cache, scales, stored, tables, lengths)
