@@ -83,6 +83,7 @@ def test_int8_cache_decode_paths_match_plain_attention_over_its_values(monkeypat
     for table, n in zip(tables, lengths):
         slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(n)])
         for kv in range(2):
-            write_int8(cache[kv], scales[kv], slots, full[kv].flatten(0, 1)[slots], bs)
+            write_int8(cache[kv], scales[kv], slots, full[kv].flatten(0, 1)[slots],
+                       *torch.unique(slots // bs, return_inverse=True))
     stored = torch.stack([dequantize_rows(cache[kv][None], scales[kv][None], torch.float32)[0] for kv in range(2)])
     _check_decode(native, Hq, Hk, D, window, cache, scales, stored, tables, lengths)

@@ -109,8 +109,8 @@ def test_kv_int8_codes_rescale_as_a_block_fills():
     g = torch.Generator().manual_seed(0)
     first = torch.randn(2, heads, dim, generator=g)
     second = torch.randn(2, heads, dim, generator=g) * 10  # larger: the block's scale must grow
-    write_int8(cache, scales, torch.tensor([4, 5]), first, block_size)
-    write_int8(cache, scales, torch.tensor([6, 7]), second, block_size)
+    for slots, x in ((torch.tensor([4, 5]), first), (torch.tensor([6, 7]), second)):
+        write_int8(cache, scales, slots, x, *torch.unique(slots // block_size, return_inverse=True))
     values = dequantize_rows(cache[None, 1:2], scales[None, 1:2], torch.float32)[0, 0]  # [bs, Hk, D]
     expected = torch.cat([first, second])
     assert torch.allclose(scales[1], torch.cat([first, second]).abs().amax(dim=(0, 2)) / 127)

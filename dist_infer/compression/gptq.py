@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dist_infer.layers.quantization.math import grouped, int4_codes, quantize_int8
+from dist_infer.layers.quantization.math import grouped, int4_codes, int4_grid, quantize_int8
 
 BLOCK = 128
 DAMPING = 0.01
@@ -71,16 +71,12 @@ def static_group_params(w: torch.Tensor, importance: torch.Tensor,
     ``SHRINK``) that minimises the group's rounding error weighted by its columns' input energy ``importance``."""
     groups = grouped(w, group_size)  # [N, G, g]
     weights = grouped(importance[None], group_size)[0]  # [G, g]
-    best_err, best_scale, best_zero = None, None, None
-    for shrink in SHRINK:
-        low, high = groups.amin(-1) * shrink, groups.amax(-1) * shrink
-        scale = ((high - low) / 15.0).clamp(min=1e-12)
-        zero = -low / scale
+    low, high = groups.amin(-1), groups.amax(-1)
+    best_err, best_scale, best_zero = torch.full_like(low, float("inf")), torch.empty_like(low), torch.empty_like(low)
+    for shrink in SHRINK:  # ties keep the earlier, wider range
+        scale, zero = int4_grid(low * shrink, high * shrink)
         restored = (int4_codes(groups, scale[..., None], zero[..., None]) - zero[..., None]) * scale[..., None]
         err = ((restored - groups) ** 2 * weights).sum(-1)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-            continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)

@@ -15,10 +15,8 @@ The two masking methods write dense weights with zeros; exploiting the zeros at 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 
@@ -27,13 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dist_infer.compression.calibration import calibration_batches, transformers_progress
+from dist_infer.compression.side_files import copy_side_files
 
 PRUNING_METHODS = ("unstructured", "2:4", "structured")
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 CHANNEL_ALIGNMENT = 8  # remaining MLP channels per tensor-parallel rank, when the size allows
-# Copied verbatim from src: everything a tokenizer or chat template may need, plus the generation defaults.
-COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                "*.tiktoken", "*.jinja", "chat_template.json", "generation_config.json")
 
 
 def prune_checkpoint(src: str, dest: str, method: str, sparsity: float = 0.5,
@@ -275,7 +271,4 @@ def _save(model, src: str, dest: str) -> None:
         model.config.dtype = dtype
     os.makedirs(dest, exist_ok=True)
     model.save_pretrained(dest)
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and any(fnmatch.fnmatch(name, pattern) for pattern in COPIED_FILES):
-            shutil.copy2(path, os.path.join(dest, name))
+    copy_side_files(src, dest)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from dist_infer.compression.side_files import copy_side_files
 from dist_infer.layers.quantization.config import QuantConfig
 from dist_infer.layers.quantization.math import quantize_int4, quantize_int8
 from dist_infer.model_loader.weights import checkpoint_files
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
-_SIDE_FILES = ("tokenizer", "special_tokens_map", "generation_config", "chat_template")
 
 
 def quantized_tensors(name: str, weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
@@ -34,12 +33,6 @@ def quantized_tensors(name: str, weight: torch.Tensor, config: QuantConfig) -> d
         return {f"{base}.weight_q": q, f"{base}.weight_scale": scale}
     q, scale, zero = quantize_int4(weight, config.group_size)
     return {f"{base}.weight_q": q, f"{base}.weight_scale": scale, f"{base}.weight_zero": zero}
-
-
-def copy_side_files(src: str, dest: str) -> None:
-    for name in os.listdir(src):
-        if name.startswith(_SIDE_FILES):
-            shutil.copy(os.path.join(src, name), os.path.join(dest, name))
 
 
 def write_quantized_config(src: str, dest: str, config: QuantConfig) -> None:

@@ -83,9 +83,9 @@ class Attention(nn.Module):
             self._slots[0].index_copy_(0, meta.slot_mapping, k)
             self._slots[1].index_copy_(0, meta.slot_mapping, v)
         else:
-            block_size = self.kv_cache.shape[2]
-            write_int8(self.kv_cache[0], self.kv_scales[0], meta.slot_mapping, k, block_size)
-            write_int8(self.kv_cache[1], self.kv_scales[1], meta.slot_mapping, v, block_size)
+            touched, which = meta.block_writes(self.kv_cache.shape[2])
+            write_int8(self.kv_cache[0], self.kv_scales[0], meta.slot_mapping, k, touched, which)
+            write_int8(self.kv_cache[1], self.kv_scales[1], meta.slot_mapping, v, touched, which)
 
         decodes = meta.decodes
         if decodes is not None and decodes.count == T:

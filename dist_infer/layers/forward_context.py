@@ -60,6 +60,16 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     decodes: DecodeBatch | None
     prefills: list[PrefillSpan]
+    _block_writes: dict = field(default_factory=dict, repr=False)
+
+    def block_writes(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(touched [U], which [T]): the distinct blocks this step writes and, per token, its index among them.
+        The same for every layer and for K and V, so an int8 cache computes it once per step."""
+        writes = self._block_writes.get(block_size)
+        if writes is None:
+            blocks = torch.div(self.slot_mapping, block_size, rounding_mode="floor")
+            writes = self._block_writes[block_size] = torch.unique(blocks, return_inverse=True)
+        return writes
 
     @property
     def num_decode_tokens(self) -> int:

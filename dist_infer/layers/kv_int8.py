@@ -14,11 +14,10 @@ _TINY = 1e-8
 
 
 def write_int8(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, x: torch.Tensor,
-               block_size: int) -> None:
-    """cache int8 [NB, bs, Hk, D], scales fp32 [NB, Hk]; writes x [T, Hk, D] at ``slots`` [T]."""
+               touched: torch.Tensor, which: torch.Tensor) -> None:
+    """cache int8 [NB, bs, Hk, D], scales fp32 [NB, Hk]; writes x [T, Hk, D] at ``slots`` [T], which fall in the
+    distinct blocks ``touched`` [U], token t in block ``touched[which[t]]`` (``AttentionMetadata.block_writes``)."""
     heads = x.shape[1]
-    blocks = torch.div(slots, block_size, rounding_mode="floor")
-    touched, which = torch.unique(blocks, return_inverse=True)
     absmax = x.detach().abs().amax(dim=-1).float()  # [T, Hk]
     need = torch.zeros(len(touched), heads, device=x.device).scatter_reduce_(
         0, which[:, None].expand(-1, heads), absmax / 127.0, reduce="amax")

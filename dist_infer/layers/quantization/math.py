@@ -41,9 +41,8 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.view(n, -1, group_size)
 
 
-def int4_params(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point [...] of groups [..., g]: the levels span the group's [min, max]."""
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+def int4_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the 16 levels spanning [low, high]."""
     scale = ((high - low) / 15.0).clamp(min=_EPS)
     return scale, -low / scale
 
@@ -57,7 +56,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     """[N, K] -> q uint8 [N, K] (values 0..15), scale fp32 [N, G], zero fp32 [N, G]."""
     n, k = w.shape
     groups = grouped(w.float(), group_size)
-    scale, zero = int4_params(groups)
+    scale, zero = int4_grid(groups.amin(dim=-1), groups.amax(dim=-1))
     q = int4_codes(groups, scale[..., None], zero[..., None]).to(torch.uint8)
     return q.view(n, -1)[:, :k].contiguous(), scale, zero
 
