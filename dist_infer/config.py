@@ -205,10 +205,10 @@ class ParallelConfig:
     """world = data_parallel_size x pipeline_parallel_size x tensor_parallel_size workers.
 
     ``distributed_executor_backend``: ``uni`` (one process; the default for a single worker), ``mp`` (local
-    worker processes; the default otherwise), ``ray`` (one actor per worker in placement groups; connects
-    to ``ray_address``, or to a running cluster, or starts a local one) or ``torchrun`` (alias
-    ``external_launcher``: processes started by torchrun, rank 0 coordinating). ``pipeline_layer_partition``
-    gives each stage's layer count (default: as even as possible, earlier stages taking the remainder).
+    worker processes; the default otherwise), ``ray`` (one actor per worker in placement groups; joins
+    ``ray_address`` or ``$RAY_ADDRESS``, else starts a private local one: loopback only, token auth) or
+    ``torchrun`` (alias ``external_launcher``: processes started by torchrun, rank 0 coordinating).
+    ``pipeline_layer_partition`` gives each stage's layer count (default: as even as possible, earlier stages taking the remainder).
     ``pipeline_placement`` for Ray: ``PACK`` puts a replica's stages on as few nodes as possible, ``SPREAD``
     puts each stage on a node of its own; each tensor-parallel group always stays inside one node.
     A worker that does not answer within ``worker_timeout_s`` seconds is reported as hung.

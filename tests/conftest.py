@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
 import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every Ray head the tests start (in-process, by launch script, in a namespace) uses token authentication with
+# a token in a temporary file, never the user's ~/.ray; and no test joins a cluster the environment names.
+_RAY_TOKEN_DIR = tempfile.mkdtemp(prefix="dist-infer-test-ray-")
+atexit.register(shutil.rmtree, _RAY_TOKEN_DIR, True)
+with open(os.path.join(_RAY_TOKEN_DIR, "auth_token"), "w") as _f:
+    _f.write(secrets.token_hex(32))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.path.join(_RAY_TOKEN_DIR, "auth_token"))
+for _name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+    os.environ.pop(_name, None)
 
 
 def save_tiny_model(config, path, seed: int = 0, bias_std: float = 0.0, tokenizer_dir: str | None = None,

@@ -70,6 +70,18 @@ def drive_items(llm, items) -> list[list[int]]:
     return [finished[i] for i in range(len(items))]
 
 
+def hf_greedy_text(path: str, prompt: str, max_new_tokens: int) -> str:
+    """Hugging Face's greedy continuation of ``prompt`` (EOS ignored), as the CLI prints it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    ids = tok(prompt, return_tensors="pt").input_ids
+    return tok.decode(hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:],
+                      skip_special_tokens=True).strip()
+
+
 def vocab_of(name: str) -> int:
     return MODELS[name]()[0].vocab_size
 

@@ -109,9 +109,9 @@ def test_batch_as_a_ray_job(ray_head, tiny_llama_with_tokenizer, tmp_path):
     _write_requests(requests, model, 12)
     entrypoint = (f"dist-infer batch -i {requests} -o {out} --model {tiny_llama_with_tokenizer} --executor ray --pp 2 "
                   f"--kv-cache-memory {1 << 22}")
-    # A fresh interpreter: Ray reads its authentication mode when it is first imported.
+    # A fresh interpreter, with the token conftest.py set up (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH) in its environment.
     submitted = subprocess.run([sys.executable, "-c", _SUBMIT, ray_head, entrypoint], capture_output=True, text=True,
-                               timeout=400, env={**os.environ, "RAY_AUTH_MODE": "token"})
+                               timeout=400)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert "SUCCEEDED" in submitted.stdout
     lines = _lines(out)
@@ -134,7 +134,8 @@ def test_named_handle_from_a_second_driver(ray_head, tiny_llama_with_tokenizer):
                     "p = SamplingParams(max_tokens=8, temperature=0)\n"
                     "print(repr(h.generate(['Hello there'], p)[0].outputs[0].text))\n"
                     "print(repr(''.join(h.stream('Hello there', p))))\n")
-            other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                   env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
             assert other.returncode == 0, other.stderr[-2000:]
             assert other.stdout.splitlines() == [repr(mine), repr(mine)]
         finally:

@@ -32,7 +32,9 @@ def backend(request):
         import parallel_helpers
 
         ray.cloudpickle.register_pickle_by_value(parallel_helpers)  # Ray workers cannot import the tests
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        from dist_infer.executor.ray_cluster import start_private
+
+        start_private(num_cpus=8)
         yield "ray"
         ray.shutdown()
     else:

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from parallel_helpers import hf_greedy_text
 
 CLI = [sys.executable, "-m", "dist_infer.entrypoints.cli"]
 
@@ -17,15 +18,8 @@ def _run(args, timeout=600):
 
 @pytest.mark.slow
 def test_torchrun_tp2_matches_hf(tiny_llama_with_tokenizer):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     prompt = "The history of computing"
-    tok = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_with_tokenizer, dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    ids = tok(prompt, return_tensors="pt").input_ids
-    expected = tok.decode(hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
-                          skip_special_tokens=True).strip()
+    expected = hf_greedy_text(tiny_llama_with_tokenizer, prompt, 12)
     result = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dist_infer.launch",
                    "generate", "--model", tiny_llama_with_tokenizer, "--no-chat", "--tp", "2", "--max-tokens", "12",
                    "--kv-cache-memory", str(1 << 22), prompt])

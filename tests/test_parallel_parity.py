@@ -31,7 +31,9 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from dist_infer.executor.ray_cluster import start_private
+
+    start_private(num_cpus=8)
     yield ray
     ray.shutdown()
 

@@ -24,6 +24,8 @@ from datetime import timedelta
 
 import torch
 
+from dist_infer.distributed.utils import pin_gloo_interface
+
 
 @dataclass(frozen=True)
 class RankLayout:
@@ -161,6 +163,7 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
     backend = device_backend(device)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        pin_gloo_interface(init_method)  # every layout has gloo groups (the CPU side groups at least)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
                                 timeout=timeout, **kwargs)

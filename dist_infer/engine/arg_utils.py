@@ -90,7 +90,7 @@ class EngineArgs:
             help="uni, mp, ray or torchrun (default: uni for one worker, else mp)")
         add("--pipeline-layer-partition", type=lambda s: [int(x) for x in s.split(",")],
             help="layers per pipeline stage, comma-separated (default: even split)")
-        add("--ray-address", help="Ray cluster to join (default: a running one, else local)")
+        add("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private local one on 127.0.0.1 with token auth)")
         add("--pipeline-placement", choices=["PACK", "SPREAD"],
             help="Ray: keep a replica's stages together (PACK, default) or one node per stage (SPREAD)")
         add("--worker-timeout", dest="worker_timeout_s", type=float,

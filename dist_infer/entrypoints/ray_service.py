@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 from dist_infer.entrypoints.llm import per_prompt
+from dist_infer.executor import ray_cluster
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -90,11 +91,13 @@ def _fields(params: SamplingParams) -> dict:
 
 
 def start_service(name: str, **engine_kwargs) -> LLMHandle:
-    """Starts the named engine actor (an error if the name is taken) and waits until its engine is up."""
+    """Starts the named engine actor (an error if the name is taken) and waits until its engine is up.
+
+    It lives on the running cluster at ``engine_kwargs["ray_address"]`` or ``$RAY_ADDRESS``; a detached actor
+    must outlive this driver, so a private instance would not do."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="auto", log_to_driver=False)
+    ray_cluster.connect(engine_kwargs.get("ray_address"), start_local=False)
     actor_cls = ray.remote(LLMService)
     try:
         ray.get_actor(name, namespace=NAMESPACE)
@@ -112,12 +115,11 @@ def start_service(name: str, **engine_kwargs) -> LLMHandle:
     return LLMHandle(actor, name)
 
 
-def get_handle(name: str) -> LLMHandle:
-    """The named engine actor started elsewhere on this Ray cluster."""
+def get_handle(name: str, address: str | None = None) -> LLMHandle:
+    """The named engine actor started elsewhere on the Ray cluster at ``address`` or ``$RAY_ADDRESS``."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="auto", log_to_driver=False)
+    ray_cluster.connect(address, start_local=False)
     try:
         return LLMHandle(ray.get_actor(name, namespace=NAMESPACE), name)
     except ValueError:

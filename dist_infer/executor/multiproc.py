@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from multiprocessing.reduction import ForkingPickler
 
 from dist_infer.config import EngineConfig
-from dist_infer.distributed.utils import get_open_port, tcp_init_method
+from dist_infer.distributed.utils import LocalRendezvous
 from dist_infer.executor.base import format_failure, run_method
 from dist_infer.executor.distributed import DistributedExecutor, WorkerHandle
 
@@ -148,7 +148,8 @@ class MultiprocExecutor(DistributedExecutor):
         super().__init__(config)
         ctx = mp.get_context("spawn")
         world = self.layout.world_size
-        init_method = tcp_init_method("127.0.0.1", get_open_port())
+        self.rendezvous = LocalRendezvous()
+        init_method = self.rendezvous.init_method
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // world)  # workers share this machine's cores without oversubscribing them
         self.handles = [ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank, threads)
@@ -158,3 +159,7 @@ class MultiprocExecutor(DistributedExecutor):
         except BaseException:
             self.shutdown()
             raise
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.rendezvous.close()

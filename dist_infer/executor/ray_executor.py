@@ -6,9 +6,15 @@ one bundle each, ``STRICT_PACK`` so a tensor-parallel group never spans nodes. W
 (through the ``ray.io/node-id`` label). Bundles ask for one GPU per worker where the cluster has GPUs,
 else CPUs; an actor's threads follow the CPUs Ray gave it, and Ray's ``CUDA_VISIBLE_DEVICES`` picks its GPU.
 
-The executor joins the cluster at ``ray_address``, else a running one (``address="auto"``), else starts a
-local Ray instance, which it shuts down again on ``shutdown()``. Actors and placement groups are always
-removed on shutdown.
+The executor joins the cluster at ``ray_address`` or ``$RAY_ADDRESS``, else starts a private local Ray instance
+(loopback only, token authentication; see ``ray_cluster``), which it shuts down again on ``shutdown()``.
+Actors and placement groups are always removed on shutdown.
+
+Rendezvous: when every worker runs on the driver's node, a file store in a private folder (no TCP port, which
+torch would open on every interface). Otherwise rank 0's actor announces ``tcp://<its node IP>:<port>``, the
+address Ray already knows for its node (``DIST_INFER_HOST_IP`` overrides it). Loopback is never handed to a worker on another node, and before
+any worker loads, every rank proves it can open a connection to that host; one that cannot fails the start at
+once, naming its rank, its node and the address.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import os
 from concurrent.futures import Future
 
 from dist_infer.config import EngineConfig
-from dist_infer.distributed.utils import get_ip, get_open_port, tcp_init_method
+from dist_infer.distributed.utils import LocalRendezvous, ProbeListener, check_reachable, get_open_port, host_ip, is_loopback, \
+    tcp_init_method
 from dist_infer.engine.messages import SchedulerOutput
+from dist_infer.executor import ray_cluster
 from dist_infer.executor.base import format_failure, run_method
 from dist_infer.executor.distributed import DistributedExecutor, WorkerHandle
 
@@ -28,16 +36,30 @@ class RayWorkerActor:
 
     def __init__(self):
         self.worker = None
+        self.probe = None
 
     def node_info(self) -> dict:
         import ray
 
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "ip": get_ip(), "pid": os.getpid(),
+        return {"node_id": context.get_node_id(), "ip": host_ip(ray.util.get_node_ip_address()), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def free_port(self) -> int:
         return get_open_port()
+
+    def open_probe(self, host: str) -> int:
+        """Starts listening on ``host`` (rank 0's rendezvous host) for the other ranks' reachability check."""
+        self.probe = ProbeListener(host)
+        return self.probe.port
+
+    def close_probe(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+    def reach(self, host: str, port: int, timeout_s: float) -> str | None:
+        return check_reachable(host, port, timeout_s)
 
     def init_worker(self, config: EngineConfig, rank: int, init_method: str) -> tuple[str, object]:
         from dist_infer.worker.worker import Worker
@@ -106,32 +128,16 @@ class RayExecutor(DistributedExecutor):
         super().__init__(config)
         import ray
 
-        self._started_ray = self._connect(config.parallel_config.ray_address, self.layout.world_size)
-        self.placement_groups, self.handles = [], []
+        # A private instance offers a CPU slot per worker even on a smaller machine; the workers then share its
+        # cores, each with one thread.
+        self._started_ray = ray_cluster.connect(config.parallel_config.ray_address,
+                                                num_cpus=max(os.cpu_count() or 1, self.layout.world_size))
+        self.placement_groups, self.handles, self.rendezvous = [], [], None
         try:
             self._start_workers(config)
         except BaseException:
             self.shutdown()
             raise
-
-    @staticmethod
-    def _connect(address: str | None, world_size: int) -> bool:
-        """Joins a cluster; True when this executor started a local one (and must stop it)."""
-        import ray
-
-        if ray.is_initialized():
-            return False
-        if address is not None:
-            ray.init(address=address, log_to_driver=False)
-            return False
-        try:
-            ray.init(address="auto", log_to_driver=False)
-            return False
-        except (ConnectionError, RuntimeError, ValueError):
-            # A local instance offers a CPU slot per worker even on a smaller machine; the workers then share
-            # its cores, each with one thread.
-            ray.init(num_cpus=max(os.cpu_count() or 1, world_size), log_to_driver=False, include_dashboard=False)
-            return True
 
     def _check_fits(self, bundle: dict) -> None:
         """Fails at once, naming what is missing, when no placement could ever satisfy the layout."""
@@ -189,11 +195,47 @@ class RayExecutor(DistributedExecutor):
                     ).remote()
                 used_nodes.append(ray.get(actors[layout.rank(d, p, 0)].node_info.remote())["node_id"])
         self.handles = [RayWorker(actors[r], r, layout.coords(r)) for r in range(layout.world_size)]
-        master = self.handles[0].actor
-        ip = ray.get(master.node_info.remote())["ip"]
-        init_method = tcp_init_method(ip, ray.get(master.free_port.remote()))
+        infos = ray.get([h.actor.node_info.remote() for h in self.handles])
+        if all(info["node_id"] == ray.get_runtime_context().get_node_id() for info in infos):
+            self.rendezvous = LocalRendezvous()  # every rank beside the driver: no TCP port at all
+            init_method = self.rendezvous.init_method
+        else:
+            ip = infos[0]["ip"]
+            self._check_rendezvous(ip, infos)
+            init_method = tcp_init_method(ip, ray.get(self.handles[0].actor.free_port.remote()))
         loads = [h._wrap(h.actor.init_worker.remote(config, h.rank, init_method), "load") for h in self.handles]
         self.wait_all(loads, list(range(layout.world_size)), "load")
+
+    def _check_rendezvous(self, ip: str, infos: list[dict], timeout_s: float = 15.0) -> None:
+        """Fails at once, naming the rank, when a worker cannot reach rank 0's host at ``ip``."""
+        import ray
+
+        remote = [h.rank for h, info in zip(self.handles, infos) if info["node_id"] != infos[0]["node_id"]]
+        if remote and is_loopback(ip):
+            raise RuntimeError(
+                f"rank 0 would announce the loopback address {ip} as the rendezvous, but ranks {remote} run on "
+                f"other nodes; start Ray with --node-ip-address set to an address the nodes share, or set "
+                f"DIST_INFER_HOST_IP on rank 0's node")
+        if not remote:
+            return
+        master = self.handles[0].actor
+        try:
+            port = ray.get(master.open_probe.remote(ip))
+        except ray.exceptions.RayTaskError as e:
+            raise RuntimeError(f"rank 0 (node {infos[0]['ip']}) cannot listen on its rendezvous address {ip}: "
+                               f"{e.cause}; is DIST_INFER_HOST_IP an address of that node?") from None
+        try:
+            answers = ray.get([self.handles[r].actor.reach.remote(ip, port, timeout_s) for r in remote])
+        finally:
+            ray.get(master.close_probe.remote())
+        failed = [(r, infos[r], why) for r, why in zip(remote, answers) if why is not None]
+        if failed:
+            r, info, why = failed[0]
+            raise RuntimeError(
+                f"rank {r} (coords dp/pp/tp {self.layout.coords(r)}, node {info['ip']}) cannot reach the rendezvous "
+                f"host {ip} of rank 0 within {timeout_s:.0f}s ({why}); "
+                f"{len(failed)} of {len(remote)} ranks on other nodes failed. Check that the nodes' addresses "
+                f"route to each other, or set DIST_INFER_HOST_IP to rank 0's reachable address")
 
     def prepare_payload(self, scheduler_output: SchedulerOutput):
         import ray
@@ -217,6 +259,9 @@ class RayExecutor(DistributedExecutor):
             except Exception:  # already removed
                 pass
         self.placement_groups = []
+        if getattr(self, "rendezvous", None) is not None:
+            self.rendezvous.close()
+            self.rendezvous = None
         if getattr(self, "_started_ray", False) and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
