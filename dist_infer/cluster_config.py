@@ -25,7 +25,7 @@ from dist_infer.engine.arg_utils import EngineArgs
 
 _CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
 _SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
-                "ready_timeout": float}
+                "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool}
 
 
 @dataclass
@@ -72,7 +72,10 @@ def _check_types(section: dict, schema: dict, name: str, path: str) -> None:
         if key not in schema:
             raise ValueError(f"{path}: unknown key {name}.{key} (expected one of {', '.join(sorted(schema))})")
         kind = schema[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
+        if kind is bool:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
         if not ok:
             raise ValueError(f"{path}: {name}.{key} must be {kind.__name__}, got {value!r}")
         if kind in (int, float) and value < 0:

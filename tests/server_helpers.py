@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -14,16 +15,20 @@ from dist_infer.distributed.utils import get_open_port
 
 
 class ServerProcess:
+    """The server's stdout and stderr go to a temporary file (a pipe nobody reads would fill up and stall a
+    chatty server); ``output()`` reads what it has written so far."""
+
     def __init__(self, *args: str, env: dict | None = None, startup_timeout: float = 300.0):
         self.port = get_open_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dist_infer.entrypoints.cli", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()[-3000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     return
@@ -31,7 +36,13 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("server did not come up in time")
+        raise RuntimeError(f"server did not come up in time:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        """Everything the server printed and logged so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -46,12 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt = functools.partial(serve.add_argument, default=argparse.SUPPRESS)
     opt("--host", help="address to bind (default: 127.0.0.1, loopback only)")
     opt("--port", type=int, help="default 8000")
-    opt("--api-key", help="require this Bearer token on /v1/* (default: $DIST_INFER_API_KEY)")
+    opt("--api-key", help="require this Bearer key on every route but /health (default: $DIST_INFER_API_KEY; "
+                          "a key on the command line shows in ps, so prefer the variable or --api-key-file)")
+    opt("--api-key-file", metavar="FILE", help="more keys, one 'name: key' a line ('#' comments); metrics and "
+                                               "logs carry the key's name")
+    opt("--metrics-public", action="store_true", help="serve /metrics without a key (for a scraper without one)")
+    opt("--log-requests", action="store_true",
+        help="log each request's prompt and completion text, with e-mail addresses, phone and card numbers, "
+             "secret-looking tokens and the server's keys masked (default: no text is logged)")
     opt("--served-model-name", help="the model id clients use (default: from the path)")
     opt("--max-waiting", type=int, help="answer 429 once this many requests wait to start (default: unbounded)")
     opt("--max-request-bytes", type=int, help="default 1 MiB")
     opt("--ready-timeout", type=float, help="seconds /ready may take (default 30)")
-    opt("--log-level", help="uvicorn's log level (default warning)")
+    opt("--log-level", type=str.lower, choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's and uvicorn's log level (default warning; info adds a line per request)")
     opt("--name", help="also register the engine as a named Ray actor other drivers reach with get_handle(NAME)")
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -234,17 +242,27 @@ def _serve(args) -> int:
     from dist_infer.engine.arg_utils import EngineArgs
     from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
 
+    from dist_infer.entrypoints.openai.auth import APIKeys, startup_warnings
+
     engine_args = EngineArgs.from_cli_args(args)
-    options = {"host": "127.0.0.1", "port": 8000, "api_key": os.environ.get("DIST_INFER_API_KEY"),
-               "served_model_name": None, "max_waiting": None, "max_request_bytes": 1 << 20, "ready_timeout": 30.0,
-               "log_level": "warning"}
+    options = {"host": "127.0.0.1", "port": 8000, "api_key_file": None, "metrics_public": False,
+               "log_requests": False, "served_model_name": None, "max_waiting": None, "max_request_bytes": 1 << 20,
+               "ready_timeout": 30.0, "log_level": "warning"}
     if getattr(args, "config_file", None):
         from dist_infer.cluster_config import load_cluster_config
 
         options.update(load_cluster_config(args.config_file).server)
     options.update({k: v for k, v in vars(args).items() if k in options})
-    settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), options["api_key"],
-                              options["max_waiting"], options["max_request_bytes"], options["ready_timeout"])
+    # Keys are checked (and warnings given) before the model loads: a typo costs seconds, not a model load.
+    key_on_command_line = "api_key" in vars(args)
+    key, key_source = ((args.api_key, "--api-key") if key_on_command_line
+                       else (os.environ.get("DIST_INFER_API_KEY"), "DIST_INFER_API_KEY"))
+    keys = APIKeys.load(key, key_source, options["api_key_file"])
+    settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), keys,
+                              options["max_waiting"], options["max_request_bytes"], options["ready_timeout"],
+                              options["metrics_public"], options["log_requests"])
+    for warning in startup_warnings(options["host"], keys, key_on_command_line, options["api_key_file"]):
+        print(f"dist-infer: warning: {warning}", file=sys.stderr, flush=True)
     run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))
     return 0
 

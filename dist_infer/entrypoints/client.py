@@ -22,8 +22,21 @@ import httpx
 class ClientError(RuntimeError):
     def __init__(self, status: int, body: dict | str):
         self.status, self.body = status, body
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {_message(body)}")
+
+
+def _message(body: dict | str) -> str:
+    """The error message of an OpenAI-shaped body, else of a FastAPI one (``detail``), else the raw text."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str) and error:
+            return error
+        if body.get("detail"):
+            return str(body["detail"])
+        return json.dumps(body)[:500]
+    return (body or "(empty body)")[:500]
 
 
 def _raise_for(response: httpx.Response, body: bytes | None = None) -> None:

@@ -2,86 +2,93 @@
 
 Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health`` (the process is up),
 ``/ready`` (every worker answers and a one-token request crosses every stage of every replica; 503 naming
-what failed otherwise) and ``/metrics`` (Prometheus). With an API key, ``/v1/*`` needs
-``Authorization: Bearer <key>``. Bodies over ``max_request_bytes`` get 413, malformed ones 400, unknown
-models 404, a full waiting queue 429 with ``Retry-After``; only real faults are 500, logged with the request id.
+what failed otherwise), ``/metrics`` (Prometheus) and ``/openapi.json``. With API keys every route but
+``/health`` needs ``Authorization: Bearer <key>`` (``--metrics-public`` opens ``/metrics`` too); see
+``middleware`` for the checks every request goes through, ``auth`` for keys, ``request_log`` for what is logged.
+Bodies over ``max_request_bytes`` get 413, non-JSON POSTs 415, malformed ones 400, unknown models and paths
+404, a full waiting queue 429 with ``Retry-After``; only real faults are 500, logged with the request id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
-from dist_infer.entrypoints.openai.errors import OpenAIError, error_response, validation_error
+from dist_infer.entrypoints.openai.auth import APIKeys
+from dist_infer.entrypoints.openai.errors import OpenAIError, http_error, http_error_code, validation_error
 from dist_infer.entrypoints.openai.metrics import ServerMetrics
+from dist_infer.entrypoints.openai.middleware import ServerMiddleware
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from dist_infer.entrypoints.openai.redact import Redactor
+from dist_infer.entrypoints.openai.request_log import RequestLog, configure_logging
 from dist_infer.entrypoints.openai.serving import OpenAIServing
 
 logger = logging.getLogger("dist_infer.server")
+
+_PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
 class ServerSettings:
     model_name: str
-    api_key: str | None = None
+    api_keys: APIKeys | str | None = field(default_factory=APIKeys)  # a str: one key, named "default"
     max_waiting: int | None = None
     max_request_bytes: int = 1 << 20
     ready_timeout_s: float = 30.0
+    metrics_public: bool = False  # /metrics answers without a key
+    log_requests: bool = False  # log prompt and completion text (masked)
 
     def __post_init__(self) -> None:
+        if self.api_keys is None or isinstance(self.api_keys, str):
+            self.api_keys = APIKeys.load(self.api_keys, "api_key")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
 
 
-def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: int | None = None) -> FastAPI:
     app = FastAPI(title="dist-infer", docs_url=None, redoc_url=None)
-    metrics = ServerMetrics(engine, settings.model_name)
+    app.router.redirect_slashes = False  # "/v1/models/" is a 404, not a redirect
+    if num_replicas is None:
+        num_replicas = len(getattr(getattr(engine, "engine", None), "cores", ())) or 1
+    metrics = ServerMetrics(engine, settings.model_name, num_replicas, min(settings.ready_timeout_s, 10.0))
     serving = OpenAIServing(engine, settings.model_name, settings.max_waiting, metrics)
+    request_log = RequestLog(settings.log_requests, Redactor(settings.api_keys.secrets()))
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    open_paths = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
+    app.add_middleware(ServerMiddleware, routes=app.router.routes, keys=settings.api_keys, open_paths=open_paths,
+                       max_request_bytes=settings.max_request_bytes, metrics=metrics, request_log=request_log)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        path = request.url.path
-        if path.startswith("/v1/") and settings.api_key is not None:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else None
-            if given is None or not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-                message = "Missing API key" if given is None else "Incorrect API key provided"
-                return _finish(metrics, path, error_response(401, message, code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return _finish(metrics, path, error_response(
-                413, f"request body of {length} bytes exceeds the limit of {settings.max_request_bytes}",
-                code="request_too_large"))
-        try:
-            response = await call_next(request)
-        except Exception:  # a real fault: logged with the id, answered in OpenAI's shape
-            logger.exception("request %s to %s failed", request_id, path)
-            response = error_response(500, f"internal error (request id {request_id})", code="internal_error")
-        response.headers["x-request-id"] = request_id
-        return _finish(metrics, path, response)
+    def answer(request: Request, error: OpenAIError):
+        record = getattr(request.state, "record", None)
+        if record is not None:
+            record.note_error(error.code, error.param)
+        return error.response()
 
     @app.exception_handler(OpenAIError)
-    async def openai_error(_, exc: OpenAIError):
-        return exc.response()
+    async def openai_error(request: Request, exc: OpenAIError):
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def fastapi_validation(_, exc: RequestValidationError):
-        return validation_error(exc).response()
+    async def fastapi_validation(request: Request, exc: RequestValidationError):
+        return answer(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, exc: StarletteHTTPException):
+        record = getattr(request.state, "record", None)
+        if record is not None:
+            record.note_error(http_error_code(exc.status_code))
+        return http_error(request, exc)
 
     async def parse(request: Request, model):
         body = await request.body()
@@ -102,8 +109,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def respond(request: Request, result):
         if isinstance(result, dict):
             return JSONResponse(result)
-        return StreamingResponse(_guarded(result, request.state.request_id), media_type="text/event-stream",
-                                 headers={"x-request-id": request.state.request_id})
+        return StreamingResponse(_guarded(result, request.state.request_id, request_log),
+                                 media_type="text/event-stream")
 
     @app.get("/health")
     async def health():
@@ -114,17 +121,15 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         try:
             await engine.check_ready(settings.ready_timeout_s)
         except Exception as e:
+            metrics.count_ready(False)
             reason = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             return JSONResponse({"status": "not ready", "error": reason}, status_code=503)
+        metrics.count_ready(True)
         return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus():
-        try:
-            body = await metrics.render()
-        except EngineDeadError as e:
-            return error_response(503, f"the engine is not running: {e}", code="engine_dead")
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await metrics.render(), media_type=_PROMETHEUS_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -133,41 +138,37 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await respond(request, await _serve(serving.completions, await parse(request, CompletionRequest)))
+        body = await parse(request, CompletionRequest)
+        return await respond(request, await _serve(serving.completions, body, request.state.record))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await respond(request, await _serve(serving.chat, await parse(request, ChatCompletionRequest)))
+        body = await parse(request, ChatCompletionRequest)
+        return await respond(request, await _serve(serving.chat, body, request.state.record))
 
     return app
 
 
-async def _serve(handler, body):
+async def _serve(handler, body, record):
     try:
-        return await handler(body)
+        return await handler(body, record)
     except EngineDeadError as e:
         raise OpenAIError(503, f"the engine is not running: {e}", code="engine_dead") from None
     except ValueError as e:  # a request the engine refused (e.g. it can never fit)
         raise OpenAIError(400, str(e), code="invalid_request") from None
 
 
-async def _guarded(stream, request_id: str):
+async def _guarded(stream, request_id: str, request_log: RequestLog):
     """A stream whose status line has gone out can only report a later failure inside the stream."""
     try:
         async for item in stream:
             yield item
     except Exception as e:
-        logger.exception("stream %s failed", request_id)
+        request_log.exception(f"stream {request_id} failed", e)
         body = {"error": {"message": f"{e} (request id {request_id})", "type": "server_error", "param": None,
                           "code": "internal_error"}}
         yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
-
-
-def _finish(metrics: ServerMetrics, path: str, response):
-    if path.startswith("/v1/"):
-        metrics.count_response(path, response.status_code)
-    return response
 
 
 def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_level: str = "warning",
@@ -178,6 +179,7 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
     (``dist_infer.get_handle(name)``), and this server talks to it."""
     import uvicorn
 
+    configure_logging(log_level, settings.log_requests, Redactor(settings.api_keys.secrets()))
     config = engine_args.create_engine_config()
     if name is not None:
         from dataclasses import asdict
@@ -188,8 +190,11 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
     else:
         engine = AsyncLLMEngine(config)
     try:
-        app = build_app(engine, settings)
-        print(f"dist-infer serving {settings.model_name} on http://{host}:{port}", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+        app = build_app(engine, settings, config.parallel_config.data_parallel_size)
+        keys = settings.api_keys.names
+        access = f"API keys: {', '.join(keys)}" if keys else "no API key"
+        print(f"dist-infer serving {settings.model_name} on http://{host}:{port} ({access})", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=5, lifespan="off")
     finally:
         engine.shutdown()

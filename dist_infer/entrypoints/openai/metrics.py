@@ -1,14 +1,24 @@
 """Prometheus metrics for ``/metrics``, in a registry of the server's own.
 
-Counted as requests finish: requests by endpoint and status, prompt and generated tokens, and histograms of
-time to first token, inter-token latency and end-to-end latency. Read from the engine at each scrape:
-waiting and running requests, KV-cache use and prefix-cache hit rate per replica, and per pipeline stage
-the time its workers spent computing and their idle (bubble) fraction.
+Counted as requests finish: ``dist_infer_requests_total{model,endpoint,status,key}`` (``endpoint`` is the route
+template or ``unmatched``, ``key`` the API key's name, ``none`` on a server without keys and
+``unauthenticated`` for requests without a valid one), prompt and generated tokens, histograms of time to first
+token, inter-token latency and end-to-end latency, and ``dist_infer_ready_checks_total{model,result}`` (``ok`` /
+``fail``) for each ``/ready`` that ran its checks.
+
+Read from the engine at each scrape: ``dist_infer_replica_up{model,replica}`` (1 while the replica's engine
+answers its stats within the scrape budget, else 0), waiting and running requests, KV-cache use and prefix-cache
+hit rate per replica, per pipeline stage the time its workers spent computing and their idle (bubble) fraction,
+and ``dist_infer_worker_uptime_seconds{model,replica,stage,rank}`` (it restarts from 0 with its worker, so
+``resets()`` counts restarts). A dead engine still yields the server's own counters and ``replica_up`` 0, so the
+scrape succeeds and the alert fires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,12 +31,14 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class ServerMetrics:
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine, model_name: str, num_replicas: int = 1, scrape_timeout_s: float = 5.0):
         self.engine = engine
         self.registry = CollectorRegistry()
         labels = ["model"]
-        self.requests = Counter("dist_infer_requests", "Requests answered, by endpoint and HTTP status",
-                                labels + ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter("dist_infer_requests", "Requests answered, by route template, HTTP status and "
+                                "API key name", labels + ["endpoint", "status", "key"], registry=self.registry)
+        self.ready_checks = Counter("dist_infer_ready_checks", "/ready checks run, by result (ok or fail)",
+                                    labels + ["result"], registry=self.registry)
         self.prompt_tokens = Counter("dist_infer_prompt_tokens", "Prompt tokens of finished requests", labels,
                                      registry=self.registry)
         self.generation_tokens = Counter("dist_infer_generation_tokens", "Tokens generated", labels,
@@ -38,11 +50,14 @@ class ServerMetrics:
         self.e2e = Histogram("dist_infer_e2e_request_latency_seconds", "Arrival to last token", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.model_name = model_name
-        self._engine_collector = _EngineCollector(engine, model_name)
+        self._engine_collector = _EngineCollector(engine, model_name, num_replicas, scrape_timeout_s)
         self.registry.register(self._engine_collector)
 
-    def count_response(self, endpoint: str, status: int) -> None:
-        self.requests.labels(self.model_name, endpoint, str(status)).inc()
+    def count_response(self, endpoint: str, status: int, key: str = "none") -> None:
+        self.requests.labels(self.model_name, endpoint, str(status), key).inc()
+
+    def count_ready(self, ok: bool) -> None:
+        self.ready_checks.labels(self.model_name, "ok" if ok else "fail").inc()
 
     def observe_request(self, output: RequestOutput, num_generated: int) -> None:
         """One engine request finished, having generated ``num_generated`` tokens."""
@@ -59,7 +74,8 @@ class ServerMetrics:
             self.e2e.labels(name).observe(m.finished_time - m.arrival_time)
 
     async def render(self) -> bytes:
-        """The exposition text, with engine state read (on the engine's own thread) just before."""
+        """The exposition text, with engine state read (on the engine's own thread) just before. Never raises
+        for an engine that is dead or does not answer: that is what ``dist_infer_replica_up`` 0 says."""
         await self._engine_collector.refresh()
         return generate_latest(self.registry)
 
@@ -67,18 +83,35 @@ class ServerMetrics:
 class _EngineCollector:
     """Engine state read at scrape time."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine, model_name: str, num_replicas: int, timeout_s: float):
+        self.engine, self.model_name, self.timeout_s = engine, model_name, timeout_s
+        self.num_replicas = max(1, num_replicas)
+        self.up = False
         self.replicas: list = []
         self.timings: list[dict] = []
+        self._timings_ok = True
+        self._reported_down = False
 
     async def refresh(self) -> None:
-        self.replicas = await self.engine.replica_stats()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self.timings = await self.engine.worker_timings()
+            self.replicas = await asyncio.wait_for(self.engine.replica_stats(), self.timeout_s)
+        except Exception as e:  # dead, shut down, or stuck in a step: every replica is down for Prometheus
+            if not self._reported_down:  # once per outage, not once per scrape
+                self._reported_down = True
+                logger.warning("the engine does not answer its stats (%s); dist_infer_replica_up is 0 (GET /ready "
+                               "names the cause)", type(e).__name__)
+            self.up, self.replicas, self.timings = False, [], []
+            return
+        self.up, self._reported_down = True, False
+        self.num_replicas = max(self.num_replicas, len(self.replicas))
+        try:
+            self.timings = await asyncio.wait_for(self.engine.worker_timings(), max(0.1, deadline - time.monotonic()))
+            self._timings_ok = True
         except Exception as e:  # a dead worker: /ready reports it; the other metrics stay available
-            logger.warning("stage timings unavailable: %s", e)
-            self.timings = []
+            if self._timings_ok:
+                logger.warning("worker timings unavailable (%s); GET /ready names the cause", type(e).__name__)
+            self._timings_ok, self.timings = False, []
 
     def describe(self):
         return []
@@ -92,6 +125,12 @@ class _EngineCollector:
             "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / looked up", "prefix_cache_hit_rate"),
         }
         families = {k: GaugeMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in gauges.items()}
+        up = GaugeMetricFamily("dist_infer_replica_up", "1 while the replica's engine answers its stats, else 0",
+                               labels=labels)
+        answered = len(self.replicas) if self.up else 0
+        for replica in range(max(self.num_replicas, answered)):
+            up.add_metric([self.model_name, str(replica)], 1.0 if replica < answered else 0.0)
+        yield up
         counters = {
             "replica_requests": ("Requests routed to each replica", "requests_added"),
             "replica_generation_tokens": ("Tokens generated, per replica", "generation_tokens"),
@@ -115,6 +154,12 @@ class _EngineCollector:
         idle = GaugeMetricFamily("dist_infer_stage_idle_ratio",
                                  "Fraction of time a stage had no step to compute (pipeline bubble or no work)",
                                  labels=stage_labels)
+        uptime_family = GaugeMetricFamily("dist_infer_worker_uptime_seconds",
+                                          "Seconds since the worker became ready (back to 0 when it restarts)",
+                                          labels=stage_labels + ["rank"])
+        for t in sorted(self.timings, key=lambda t: t["rank"]):
+            uptime_family.add_metric([self.model_name, str(t["dp_rank"]), str(t["pp_rank"]), str(t["rank"])],
+                                     float(t["uptime_seconds"]))
         stages: dict[tuple[int, int], list[dict]] = {}
         for t in self.timings:
             stages.setdefault((t["dp_rank"], t["pp_rank"]), []).append(t)
@@ -126,3 +171,4 @@ class _EngineCollector:
             idle.add_metric(key, max(0.0, 1.0 - compute / uptime) if uptime > 0 else 0.0)
         yield busy
         yield idle
+        yield uptime_family

@@ -2,12 +2,14 @@
 
 Every prompt is checked and tokenized before anything is queued, so a bad request is a 400 even when it
 asks for a stream. Streams are Server-Sent Events ending with ``data: [DONE]``; when the client goes away the
-stream is cancelled, which aborts its engine requests and frees their KV blocks.
+stream is cancelled, which aborts its engine requests and frees their KV blocks. With a ``record`` (the
+server's request log), token counts and time to first token are noted on it, and the texts when it asks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -130,13 +132,34 @@ class OpenAIServing:
             self._absorb(choice, out)
 
     @staticmethod
+    def _note_prompts(record, choices: list[_Choice], n: int, texts) -> None:
+        """``texts``: a callable giving the prompt texts, called only when the record keeps text."""
+        if record is None:
+            return
+        record.prompt_tokens = sum(len(c.prompt["prompt_token_ids"]) for c in choices if c.index % n == 0)
+        if record.capture_text:
+            record.prompts = texts()
+
+    @staticmethod
+    def _note_outputs(record, choices: list[_Choice]) -> None:
+        if record is None:
+            return
+        record.completion_tokens = sum(len(c.token_ids) for c in choices)
+        ttfts = [c.output.metrics.time_to_first_token for c in choices
+                 if c.output is not None and c.output.metrics is not None
+                 and c.output.metrics.time_to_first_token is not None]
+        record.ttft_s = min(ttfts) if ttfts else None
+        if record.capture_text:
+            record.completions = [c.text for c in choices]
+
+    @staticmethod
     def _usage(choices: list[_Choice], n: int) -> dict:
         """Each prompt counts once however many choices it has."""
         prompt_tokens = sum(len(c.prompt["prompt_token_ids"]) for c in choices if c.index % n == 0)
         return usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
 
     # ---- /v1/completions ---------------------------------------------------------------------------------
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, record=None):
         self.check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
@@ -148,13 +171,22 @@ class OpenAIServing:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         tokenizer = self.engine.tokenizer
 
+        def prompt_texts():
+            return [c.prompt["prompt"] or tokenizer.decode(c.prompt["prompt_token_ids"])
+                    for c in choices if c.index % req.n == 0]
+
+        self._note_prompts(record, choices, req.n, prompt_texts)
+
         def logprobs_of(token_ids, logprobs, offset):
             if req.logprobs is None:
                 return None
             return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
 
         if not req.stream:
-            await self._collect(choices, req.priority)
+            try:
+                await self._collect(choices, req.priority)
+            finally:
+                self._note_outputs(record, choices)
             body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": self._usage(choices, req.n)}
             for c in choices:
@@ -163,7 +195,7 @@ class OpenAIServing:
                                         "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix))})
             return body
 
-        async def stream():
+        async def pieces():
             echoed = set()
             async for choice, out in self._events(choices, req.priority):
                 offset = len(choice.text)
@@ -180,10 +212,19 @@ class OpenAIServing:
                             "model": self.model_name, "choices": [], "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return stream()
+        return self._noted_stream(pieces(), record, choices)
+
+    async def _noted_stream(self, pieces, record, choices):
+        """``pieces``, closed as soon as the client leaves (not when collected), then the outputs noted."""
+        try:
+            async with contextlib.aclosing(pieces) as inner:
+                async for piece in inner:
+                    yield piece
+        finally:
+            self._note_outputs(record, choices)
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest):
+    async def chat(self, req: ChatCompletionRequest, record=None):
         self.check_model(req.model)
         tokenizer = self.engine.tokenizer
         try:
@@ -200,9 +241,13 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens or req.max_tokens
         choices = self._choices([prompt], req, max_tokens, logprobs, req.stream, "chatcmpl")
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self._note_prompts(record, choices, req.n, lambda: [f"{m['role']}: {m['content']}" for m in conversation])
 
         if not req.stream:
-            await self._collect(choices, req.priority)
+            try:
+                await self._collect(choices, req.priority)
+            finally:
+                self._note_outputs(record, choices)
             return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                                  "finish_reason": c.finish_reason,
@@ -215,7 +260,7 @@ class OpenAIServing:
                          "model": self.model_name,
                          "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}]})
 
-        async def stream():
+        async def pieces():
             for c in choices:
                 yield chunk(c.index, {"role": "assistant", "content": ""})
             async for choice, out in self._events(choices, req.priority):
@@ -228,7 +273,7 @@ class OpenAIServing:
                             "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return stream()
+        return self._noted_stream(pieces(), record, choices)
 
 
 def _completion_prompts(prompt) -> list[dict]:
