@@ -75,6 +75,12 @@ class TwoHosts:
         return [int(p) for p in out.split()]
 
     def close(self) -> None:
+        self.stop_all()
+        for name in self.names:
+            _ip("netns", "delete", name, check=False)
+
+    def stop_all(self) -> None:
+        """Ends every process started inside the hosts (those that daemonized included)."""
         for proc in self.procs:
             if proc.poll() is None:
                 try:
@@ -95,5 +101,4 @@ class TwoHosts:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        for name in self.names:
-            _ip("netns", "delete", name, check=False)
+        self.procs = []

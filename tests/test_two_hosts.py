@@ -4,9 +4,12 @@ Face's output; a rendezvous address the other host cannot reach fails the start 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,10 +51,19 @@ print(sum(n["Alive"] for n in ray.nodes()))
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(hosts, tmp_path_factory):
+def ray_cluster(hosts):
     """A Ray head on host 0 and a worker on host 1, two CPUs each: a tp=2 stage fills a host."""
     address = f"{hosts.ips[0]}:{RAY_PORT}"
-    temp = tmp_path_factory.mktemp("ray-nodes")
+    # Short: Ray's socket paths below it must fit AF_UNIX's 107 bytes, which pytest's tmp_path can exceed.
+    temp = Path(tempfile.mkdtemp(prefix="di-ray-", dir="/tmp"))
+    try:
+        yield _start_two_nodes(hosts, address, temp)
+    finally:
+        hosts.stop_all()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _start_two_nodes(hosts, address: str, temp: Path) -> str:
     common = ["--block", "--num-cpus", "2", "--disable-usage-stats"]
     head = hosts.start(0, ["ray", "start", "--head", "--port", str(RAY_PORT), "--node-ip-address", hosts.ips[0],
                            "--include-dashboard", "false", "--temp-dir", str(temp / "head"), *common])
@@ -63,9 +75,12 @@ def ray_cluster(hosts, tmp_path_factory):
         return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
 
     assert wait_until(lambda: nodes_alive() >= 1, timeout=120, interval=1), "the Ray head did not come up"
-    hosts.start(1, ["ray", "start", "--address", address, "--node-ip-address", hosts.ips[1],
-                    "--temp-dir", str(temp / "worker"), *common])
-    assert wait_until(lambda: nodes_alive() == 2, timeout=120, interval=1), "the Ray worker did not join"
+    worker = hosts.start(1, ["ray", "start", "--address", address, "--node-ip-address", hosts.ips[1],
+                             "--temp-dir", str(temp / "worker"), *common])
+    if not wait_until(lambda: worker.poll() is not None or nodes_alive() == 2, timeout=120, interval=1) \
+            or worker.poll() is not None:
+        hosts.stop_all()
+        pytest.fail(f"the Ray worker did not join: {worker.stdout.read()[-3000:]}")
     return address
 
 
