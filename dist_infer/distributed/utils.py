@@ -23,15 +23,9 @@ def get_open_port() -> int:
         return s.getsockname()[1]
 
 
-def host_ip(known: str | None = None) -> str:
-    """The address other hosts reach this one at: ``$DIST_INFER_HOST_IP``, else ``known`` (e.g. Ray's node IP),
-    else the source address of the default route, else loopback."""
-    override = os.environ.get(HOST_IP_ENV)
-    if override:
-        return override
-    if known:
-        return known
-    return local_ip_towards("10.255.255.255") or "127.0.0.1"
+def host_ip(known: str) -> str:
+    """The address other hosts reach this one at: ``$DIST_INFER_HOST_IP``, else ``known`` (e.g. Ray's node IP)."""
+    return os.environ.get(HOST_IP_ENV) or known
 
 
 def local_ip_towards(host: str) -> str | None:

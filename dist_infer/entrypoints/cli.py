@@ -241,7 +241,6 @@ def _batch(args) -> int:
 def _serve(args) -> int:
     from dist_infer.engine.arg_utils import EngineArgs
     from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
-
     from dist_infer.entrypoints.openai.auth import APIKeys, startup_warnings
 
     engine_args = EngineArgs.from_cli_args(args)

@@ -69,10 +69,13 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     app.add_middleware(ServerMiddleware, routes=app.router.routes, keys=settings.api_keys, open_paths=open_paths,
                        max_request_bytes=settings.max_request_bytes, metrics=metrics, request_log=request_log)
 
-    def answer(request: Request, error: OpenAIError):
+    def note(request: Request, code: str | None, param: str | None = None) -> None:
         record = getattr(request.state, "record", None)
         if record is not None:
-            record.note_error(error.code, error.param)
+            record.note_error(code, param)
+
+    def answer(request: Request, error: OpenAIError):
+        note(request, error.code, error.param)
         return error.response()
 
     @app.exception_handler(OpenAIError)
@@ -85,9 +88,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
 
     @app.exception_handler(StarletteHTTPException)
     async def starlette_error(request: Request, exc: StarletteHTTPException):
-        record = getattr(request.state, "record", None)
-        if record is not None:
-            record.note_error(http_error_code(exc.status_code))
+        note(request, http_error_code(exc.status_code))
         return http_error(request, exc)
 
     async def parse(request: Request, model):

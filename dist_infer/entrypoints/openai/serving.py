@@ -127,9 +127,13 @@ class OpenAIServing:
             self.metrics.observe_request(out, len(choice.token_ids))
         return completion.text, completion.token_ids, completion.logprobs or []
 
-    async def _collect(self, choices: list[_Choice], priority: int) -> None:
-        async for choice, out in self._events(choices, priority):
-            self._absorb(choice, out)
+    async def _collect(self, choices: list[_Choice], priority: int, record=None) -> None:
+        """Runs the choices to the end (a non-streamed answer), then notes the outputs on ``record``."""
+        try:
+            async for choice, out in self._events(choices, priority):
+                self._absorb(choice, out)
+        finally:
+            self._note_outputs(record, choices)
 
     @staticmethod
     def _note_prompts(record, choices: list[_Choice], n: int, texts) -> None:
@@ -183,10 +187,7 @@ class OpenAIServing:
             return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
 
         if not req.stream:
-            try:
-                await self._collect(choices, req.priority)
-            finally:
-                self._note_outputs(record, choices)
+            await self._collect(choices, req.priority, record)
             body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": self._usage(choices, req.n)}
             for c in choices:
@@ -244,10 +245,7 @@ class OpenAIServing:
         self._note_prompts(record, choices, req.n, lambda: [f"{m['role']}: {m['content']}" for m in conversation])
 
         if not req.stream:
-            try:
-                await self._collect(choices, req.priority)
-            finally:
-                self._note_outputs(record, choices)
+            await self._collect(choices, req.priority, record)
             return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                                  "finish_reason": c.finish_reason,
