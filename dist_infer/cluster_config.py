@@ -17,6 +17,7 @@ Unknown keys, impossible layouts and bad values are errors naming the key and th
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -25,7 +26,9 @@ from dist_infer.engine.arg_utils import EngineArgs
 
 _CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
 _SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
-                "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool}
+                "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool,
+                "max_prompts_per_request": int, "request_timeout": float, "timeout_keep_alive": float,
+                "max_connections": int}
 
 
 @dataclass
@@ -58,6 +61,13 @@ def load_cluster_config(path: str) -> ClusterConfig:
             raise ValueError(f"{path}: unknown key engine.{key}")
     _check_layout(config)
     return config
+
+
+def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
+    """The engine arguments of a command line: the ``--config`` file's engine section, then the flags given."""
+    config_file = getattr(args, "config_file", None)
+    base = dict(load_cluster_config(config_file).engine, config_file=config_file) if config_file else None
+    return EngineArgs.from_cli_args(args, base)
 
 
 def _section(data: dict, name: str, path: str) -> dict:

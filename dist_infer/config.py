@@ -47,11 +47,13 @@ def parse_dtype(dtype: str | torch.dtype, checkpoint_dtype: Any) -> torch.dtype:
 class ModelConfig:
     """Which model to run and how.
 
-    ``model`` is a local Hugging Face style folder, a ``.gguf`` file (converted once into the cache), or
-    ``None`` for the embedded default model (SmolLM2-135M-Instruct).
+    ``model`` is a local Hugging Face style folder holding config.json. What a user names (``None`` for the
+    embedded default model, a ``.gguf`` file) is turned into such a folder once, before any config is built
+    (``model_loader.resolve.resolve_model_path``, called by ``EngineArgs.create_engine_config``): building
+    this config, in the driver or in a worker, never converts anything.
     """
 
-    model: str | None = None
+    model: str
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
     seed: int = 0
@@ -66,12 +68,9 @@ class ModelConfig:
     quant_config: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        from dist_infer.model_loader.resolve import resolve_model_path
         from dist_infer.models.registry import check_architecture
 
-        # int4 with groups of 32 is what llama.cpp's Q4_0 / Q4_1 store: such GGUF files load without a fp32 detour.
-        self.model = resolve_model_path(self.model, keep_gguf_quantization=(
-            self.quantization == "int4" and self.quantization_group_size == 32))
+        self.model = _model_folder(self.model)
         if self.tokenizer is None:
             self.tokenizer = self.model
         self.hf_config = _load_hf_config(self.model)
@@ -128,6 +127,16 @@ class ModelConfig:
         return self.hf_config.vocab_size
 
 
+def _model_folder(model) -> str:
+    if model is None or not isinstance(model, (str, os.PathLike)) or os.fspath(model).endswith(".gguf") \
+            or not os.path.isdir(model):
+        raise ValueError(
+            f"ModelConfig(model={model!r}) needs an existing model folder; resolve what the user named first "
+            f"(dist_infer.model_loader.resolve.resolve_model_path turns None or a .gguf file into a folder, "
+            f"as EngineArgs.create_engine_config does)")
+    return os.fspath(model)
+
+
 def _load_hf_config(path: str):
     from transformers import AutoConfig
 
@@ -144,7 +153,8 @@ class CacheConfig:
     with the same prefix unless ``enable_prefix_caching`` is off. ``kv_cache_dtype="int8"`` stores keys and
     values as int8 with a scale per block and head. Its size comes from ``kv_cache_memory``
     (bytes) when given; otherwise from ``gpu_memory_utilization`` of the GPU's memory after the weights, or,
-    on the CPU, ``cpu_kv_cache_fraction`` of the RAM available at start.
+    on the CPU, ``cpu_kv_cache_fraction`` of the RAM available at start, split evenly among the workers on
+    the host.
     """
 
     block_size: int = 16
@@ -211,7 +221,9 @@ class ParallelConfig:
     ``pipeline_layer_partition`` gives each stage's layer count (default: as even as possible, earlier stages taking the remainder).
     ``pipeline_placement`` for Ray: ``PACK`` puts a replica's stages on as few nodes as possible, ``SPREAD``
     puts each stage on a node of its own; each tensor-parallel group always stays inside one node.
-    A worker that does not answer within ``worker_timeout_s`` seconds is reported as hung.
+    ``worker_timeout_s``: a worker that does not answer a call or finish a step within it is reported as hung.
+    ``worker_load_timeout_s``: how long placing the workers (Ray) and loading the model may take; loading a
+    large model is slow, not hung. The process groups' own timeout is the larger of the two.
     ``max_batches_in_flight`` caps the micro-batches in the pipeline at once (default: one per stage).
     """
 
@@ -223,6 +235,7 @@ class ParallelConfig:
     ray_address: str | None = None
     pipeline_placement: str = "PACK"
     worker_timeout_s: float = 300.0
+    worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
 
     def __post_init__(self) -> None:
@@ -247,8 +260,10 @@ class ParallelConfig:
         self.distributed_executor_backend = backend
         if self.pipeline_placement not in _PLACEMENTS:
             raise ValueError(f"pipeline_placement must be one of {', '.join(_PLACEMENTS)}, got {self.pipeline_placement!r}")
-        if not self.worker_timeout_s > 0:
-            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
+        for name in ("worker_timeout_s", "worker_load_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         partition = self.pipeline_layer_partition
         if partition is not None:
             partition = list(partition)
@@ -263,6 +278,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """torch.distributed's timeout: a collective may wait on a rank that is still loading."""
+        return max(self.worker_timeout_s, self.worker_load_timeout_s)
 
     def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """[start, end) of the layers of each pipeline stage."""

@@ -10,6 +10,7 @@ import torch
 
 from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import AsyncLLMEngine, LLM, RequestOutputKind, SamplingParams
+from dist_infer.engine.async_llm_engine import EngineDeadError
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,32 @@ def test_bad_request_raises_at_the_caller_and_the_engine_goes_on(engine):
         return await _collect(engine, _prompt(5), SamplingParams(max_tokens=2), "good")
 
     assert asyncio.run(main())[-1].finished
+
+
+class _ShutDownMidCall(AsyncLLMEngine):
+    """Places the race: the engine shuts down (its loop drains the commands and exits) right after a caller's
+    liveness check passed and before its command is queued."""
+
+    armed = False
+
+    def _check_alive(self) -> None:
+        super()._check_alive()
+        if self.armed:
+            self.armed = False
+            self.shutdown()  # returns once the loop thread has run its last drain and exited
+            assert not self._thread.is_alive()
+
+
+def test_a_command_queued_after_the_last_drain_is_settled_not_lost(tiny_path):
+    engine = _ShutDownMidCall.from_engine_args(model=tiny_path, skip_tokenizer_init=True, kv_cache_memory=1 << 22)
+    engine.armed = True
+
+    async def main():
+        # Before the fix the command sat in a queue nobody read again and the caller waited forever.
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(engine.replica_stats(), timeout=10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

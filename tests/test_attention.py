@@ -7,9 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_infer.layers import native_kernels
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.forward_context import AttentionMetadata, DecodeBatch, set_forward_context
-from dist_infer.layers.native_kernels import paged_decode_kernel
+from dist_infer.layers.native_kernels import (NativeBuildError, build_paged_decode, native_compiler,
+                                              native_compiler_available, paged_decode_kernel)
+
+
+def _require_native_kernel():
+    """Skips only where the compiler the build uses is not installed; a compiler that fails on the kernel's
+    source fails the test with its message."""
+    if not native_compiler_available():
+        pytest.skip(f"no C compiler ({native_compiler()}) for the native kernel on this machine")
+    build_paged_decode()
 
 
 def _paged_setup(lengths, Hk, D, bs, seed=0):
@@ -59,8 +69,8 @@ def _check_decode(native, Hq, Hk, D, window, cache, scales, values, tables, leng
                                                 (6, 2, 8, 16, 20)])
 def test_decode_paths_match_plain_attention(monkeypatch, native, Hq, Hk, D, bs, window):
     monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1" if native else "0")
-    if native and paged_decode_kernel() is None:
-        pytest.skip("no C compiler for the native kernel on this machine")
+    if native:
+        _require_native_kernel()
     lengths = [1, 5, bs, bs + 1, 3 * bs - 1, 77]
     cache, tables = _paged_setup(lengths, Hk, D, bs)
     _check_decode(native, Hq, Hk, D, window, cache, None, cache, tables, lengths)
@@ -74,8 +84,8 @@ def test_int8_cache_decode_paths_match_plain_attention_over_its_values(monkeypat
     from dist_infer.layers.kv_int8 import dequantize_rows, write_int8
 
     monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1" if native else "0")
-    if native and paged_decode_kernel() is None:
-        pytest.skip("no C compiler for the native kernel on this machine")
+    if native:
+        _require_native_kernel()
     lengths = [1, 5, bs, bs + 1, 3 * bs - 1, 77]
     full, tables = _paged_setup(lengths, Hk, D, bs)
     cache = torch.zeros(full.shape, dtype=torch.int8)
@@ -87,3 +97,31 @@ def test_int8_cache_decode_paths_match_plain_attention_over_its_values(monkeypat
                        *torch.unique(slots // bs, return_inverse=True))
     stored = torch.stack([dequantize_rows(cache[kv][None], scales[kv][None], torch.float32)[0] for kv in range(2)])
     _check_decode(native, Hq, Hk, D, window, cache, scales, stored, tables, lengths)
+
+
+def test_native_kernel_builds_wherever_its_compiler_exists(monkeypatch):
+    """The library uses the native kernel by default wherever the compiler exists."""
+    monkeypatch.delenv("DIST_INFER_NATIVE_KERNELS", raising=False)
+    _require_native_kernel()
+    assert paged_decode_kernel() is not None
+
+
+def test_a_failing_build_raises_and_warns_once_before_falling_back(monkeypatch, tmp_path, caplog):
+    """A compiler that is present but fails is an error for ``build_paged_decode`` and, for the library, one
+    warning quoting the compiler before the PyTorch path takes over (not a silent fallback, not one per layer)."""
+    if not native_compiler_available():
+        pytest.skip(f"no C compiler ({native_compiler()}) on this machine")
+    broken = tmp_path / "paged_decode.c"
+    broken.write_text(native_kernels._SOURCE.read_text() + "\nint this_does_not_compile(void) { return }\n")
+    with pytest.raises(NativeBuildError, match="this_does_not_compile"):
+        build_paged_decode(broken)
+    monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1")
+    monkeypatch.setattr(native_kernels, "_SOURCE", broken)
+    monkeypatch.setattr(native_kernels, "_failures", {})
+    with caplog.at_level("WARNING", logger=native_kernels.__name__):
+        assert paged_decode_kernel() is None
+        layer = Attention(4, 16, 2, scale=0.25)
+        layer.bind_kv_cache(torch.zeros(2, 3, 4, 2, 16))
+        assert layer._native is None
+    warnings = [r for r in caplog.records if r.name == native_kernels.__name__]
+    assert len(warnings) == 1 and "this_does_not_compile" in warnings[0].getMessage()

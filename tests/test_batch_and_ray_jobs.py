@@ -64,6 +64,21 @@ def test_batch_writes_every_result_and_resumes(tiny_llama_with_tokenizer, tmp_pa
     assert lines[:7] == kept  # finished work is neither lost nor redone
 
 
+def test_resume_redoes_a_last_record_that_lost_its_newline(tmp_path):
+    from dist_infer.entrypoints.batch import finished_ids
+
+    out = tmp_path / "out.jsonl"
+    records = [json.dumps({"custom_id": f"r{i}", "response": {"status_code": 200}}) for i in range(3)]
+    # Interrupted between the third record and its newline: the line parses, but a resumed run appending to it
+    # would glue the next record onto it (before the fix r2 counted as done and the file was kept as it was).
+    out.write_text(records[0] + "\n" + records[1] + "\n" + records[2])
+    assert finished_ids(str(out)) == {"r0", "r1"}
+    assert out.read_text() == records[0] + "\n" + records[1] + "\n"
+    # Complete lines are all kept.
+    out.write_text("".join(r + "\n" for r in records))
+    assert finished_ids(str(out)) == {"r0", "r1", "r2"} and out.read_text().count("\n") == 3
+
+
 def test_bad_batch_file_is_refused_before_loading(tmp_path):
     path = tmp_path / "in.jsonl"
     line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m"}})
@@ -76,7 +91,7 @@ def test_bad_batch_file_is_refused_before_loading(tmp_path):
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on this machine, its dashboard (job API) on 127.0.0.1, stopped afterwards."""
-    pytest.importorskip("ray")
+    import ray  # noqa: F401  (a required dependency: if it is broken the tests fail, they are not skipped)
     started = subprocess.run(["bash", str(LAUNCH / "ray_start_head.sh"), "--num-cpus", "4"], capture_output=True,
                              text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]

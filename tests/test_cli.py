@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ppl_reference import hf_perplexity
+
 CLI = [sys.executable, "-m", "dist_infer.entrypoints.cli"]
 
 
@@ -94,6 +96,8 @@ def test_quantize_prune_and_eval_ppl_commands(tiny_llama_with_tokenizer, tmp_pat
         assert result.returncode == 0, result.stderr
         assert "over 199 tokens" in result.stdout
         scores[name] = float(result.stdout.split("perplexity ")[1].split()[0])
+    # the full model's score is Hugging Face's perplexity of the same tokens (one 200-token window)
+    assert scores["full"] == pytest.approx(hf_perplexity(tiny_llama_with_tokenizer, 200, 512)[0], rel=1e-4)
     # mean negative log-likelihood per token (log of perplexity): int8 barely moves it; pruning moves it
     nll = {name: math.log(score) for name, score in scores.items()}
     assert abs(nll["int8"] - nll["full"]) < 0.01 * nll["full"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_infer.cluster_config import load_cluster_config
+from dist_infer.cluster_config import engine_args_from_cli, load_cluster_config
 from dist_infer.engine.arg_utils import EngineArgs
 from dist_infer.entrypoints.cli import build_parser
 
@@ -57,7 +57,7 @@ def test_bad_configs_name_the_key_and_file(tmp_path, text, message):
 
 
 def _engine_args(argv):
-    return EngineArgs.from_cli_args(build_parser().parse_args(argv))
+    return engine_args_from_cli(build_parser().parse_args(argv))
 
 
 def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import save_tiny_model, tiny_llama_config
-from dist_infer import LLM, SamplingParams
+from dist_infer import LLM, RequestOutputKind, SamplingParams
 from dist_infer.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -99,3 +101,60 @@ def test_chat_uses_the_template(tiny_llama_with_tokenizer):
                                                   {"role": "user", "content": "Bye"}]],
                    SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(two) == 2 and two[0].outputs[0].token_ids == out[0].outputs[0].token_ids
+
+
+def test_offline_results_are_whole_whatever_the_output_kind(tiny_llama_with_tokenizer):
+    llm = LLM(model=tiny_llama_with_tokenizer, kv_cache_memory=1 << 22)
+    prompts = ["The capital of France is", "Once upon a time"]
+
+    def run(kind):
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, output_kind=kind)
+        return [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    whole = run(RequestOutputKind.CUMULATIVE)
+    assert all(len(ids) == 8 and text for text, ids, _ in whole)
+    # Before the fix a DELTA request came back holding only its last token and its text.
+    assert run(RequestOutputKind.DELTA) == whole
+    assert run(RequestOutputKind.FINAL_ONLY) == whole
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(tiny_path):
+    llm = LLM(model=tiny_path, skip_tokenizer_init=True, kv_cache_memory=1 << 22)
+    # Before the fix the stop string was silently never matched (there is no text to match it in).
+    with pytest.raises(ValueError, match=r"stop=\['end'\].*skip_tokenizer_init=True"):
+        llm.generate(_prompts([4])[0], SamplingParams(max_tokens=4, stop="end"), use_tqdm=False)
+    out = llm.generate(_prompts([4])[0], SamplingParams(max_tokens=4, stop_token_ids=[0]), use_tqdm=False)
+    assert out[0].finished
+
+
+def test_without_max_tokens_a_request_runs_to_the_end_of_the_context(tiny_path):
+    # The tiny model has no EOS token, so only the context ends its requests.
+    llm = LLM(model=tiny_path, skip_tokenizer_init=True, kv_cache_memory=1 << 22, max_model_len=48)
+    outputs = llm.generate(_prompts([5, 30, 47], seed=2), SamplingParams(temperature=0, max_tokens=None),
+                           use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [43, 18, 1]
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length"] * 3
+    assert [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outputs] == [48] * 3
+
+
+def test_eos_ids_come_from_generation_config_and_may_be_a_list(tmp_path):
+    path = save_tiny_model(tiny_llama_config(), tmp_path / "eos")
+    prompt = _prompts([6], seed=5)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    reference = LLM(model=path, skip_tokenizer_init=True, kv_cache_memory=1 << 22).generate(
+        prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    # Llama 3 / Qwen style: several EOS ids in generation_config.json, which wins over config.json's. The second
+    # id of the list is a token greedy decoding reaches at step k (and not before); the first never comes.
+    k = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
+    never = next(t for t in range(128) if t not in reference and t not in prompt["prompt_token_ids"])
+    config = json.loads((tmp_path / "eos" / "config.json").read_text())
+    config["eos_token_id"] = reference[1]  # would stop at step 1 if config.json were read instead
+    (tmp_path / "eos" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "eos" / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, reference[k]]}))
+
+    llm = LLM(model=path, skip_tokenizer_init=True, kv_cache_memory=1 << 22)
+    assert llm.engine.eos_token_ids == {never, reference[k]}
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=None), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == reference[:k + 1] and out.finish_reason == "stop"
+    assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == reference

@@ -33,12 +33,90 @@ def test_models_list(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-def test_chat(client):
-    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
-    assert "Paris" in reply.choices[0].message.content
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def _templated_length(tokenizer, messages) -> int:
+    """The prompt's length by Hugging Face's own template and tokenizer, independent of the server's code."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_chat(client, tokenizer):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0,
+                                           logprobs=True)
+    content = reply.choices[0].message.content
+    assert "Paris" in content
     assert reply.choices[0].finish_reason == "stop"
-    assert reply.usage.prompt_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens + \
-        reply.usage.completion_tokens
+    assert reply.usage.prompt_tokens == _templated_length(tokenizer, QUESTION)
+    tokens = reply.choices[0].logprobs.content  # the generated tokens, the end-of-turn token last
+    assert "".join(t.token for t in tokens[:-1]) == content and tokens[-1].token == tokenizer.eos_token
+    assert reply.usage.completion_tokens == len(tokens)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    cut = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+    assert content.startswith(cut.choices[0].message.content)
+
+
+def test_chat_content_as_text_parts(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    as_parts = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=20, temperature=0)
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    assert as_parts.choices[0].message.content == plain.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_request_id_round_trip(server):
+    given = httpx.get(f"{server.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}",
+                                                                 "x-request-id": "client-id-42"})
+    assert given.headers["x-request-id"] == "client-id-42"
+    fresh = [httpx.get(f"{server.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+             .headers["x-request-id"] for _ in range(2)]
+    assert all(len(f) == 32 and int(f, 16) >= 0 for f in fresh) and fresh[0] != fresh[1]
+    odd = httpx.get(f"{server.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}",
+                                                               "x-request-id": "bad id\twith spaces"})
+    assert odd.headers["x-request-id"] != "bad id\twith spaces"  # not a plain token: replaced, never logged
+
+
+def _stream_chat(client, **kwargs) -> tuple[list[str], str | None]:
+    pieces, finish = [], None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return pieces, finish
+
+
+def test_multibyte_text_streams_whole(client):
+    """Japanese from a byte-level tokenizer: characters span several tokens, so deltas must hold back partial
+    bytes. The stream's deltas joined equal the non-streamed text, and no replacement character leaks."""
+    ask = dict(messages=[{"role": "user", "content": "Say hello in Japanese."}], max_tokens=24, temperature=0)
+    full = client.chat.completions.create(model=MODEL, **ask).choices[0].message.content
+    assert any(ord(ch) > 0x3000 for ch in full), full  # the case this test is about
+    pieces, _ = _stream_chat(client, **ask)
+    assert "".join(pieces) == full and "\ufffd" not in "".join(pieces)
+
+
+def test_stop_string_across_tokens_in_a_stream(client):
+    """A stop string made of the end of one token and the start of the next: honoured, and not one character
+    of it reaches the stream, though the first token's characters had to be held back to know."""
+    ask = dict(messages=[{"role": "user", "content": "Translate into French: 'The summer was beautiful and the "
+                                                     "coffee was delicious.'"}], max_tokens=40, temperature=0)
+    full = client.chat.completions.create(model=MODEL, logprobs=True, **ask).choices[0]
+    tokens = [t.token for t in full.logprobs.content]
+    k = next(i for i in range(len(tokens) - 1) if len(tokens[i]) >= 2 and len(tokens[i + 1]) >= 2
+             and tokens[i].isascii() and tokens[i + 1].isascii())
+    stop = tokens[k][-2:] + tokens[k + 1][:2]
+    expected = full.message.content[: full.message.content.index(stop)]
+    pieces, finish = _stream_chat(client, stop=[stop], **ask)
+    assert "".join(pieces) == expected and finish == "stop"
+    whole = client.chat.completions.create(model=MODEL, stop=[stop], **ask).choices[0]
+    assert whole.message.content == expected and whole.finish_reason == "stop"
 
 
 def test_chat_stream_equals_non_stream(client):
@@ -65,9 +143,12 @@ def test_completion_and_stream(client):
 
 
 def test_n_two_with_seed(client):
-    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=1.0, n=2, seed=3)
+    """Two choices of one seeded request differ (each has its own seed), and the same request gives the same two."""
+    story = [{"role": "user", "content": "Write one sentence about a dragon."}]
+    reply = client.chat.completions.create(model=MODEL, messages=story, max_tokens=16, temperature=1.5, n=2, seed=3)
     assert [c.index for c in reply.choices] == [0, 1]
-    again = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=1.0, n=2, seed=3)
+    assert reply.choices[0].message.content != reply.choices[1].message.content
+    again = client.chat.completions.create(model=MODEL, messages=story, max_tokens=16, temperature=1.5, n=2, seed=3)
     assert [c.message.content for c in reply.choices] == [c.message.content for c in again.choices]
     completions = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=4, n=2, temperature=0)
     assert sorted(c.index for c in completions.choices) == [0, 1, 2, 3]
@@ -96,8 +177,10 @@ def test_logprobs(client):
 
 
 def test_echo(client):
+    plain = client.completions.create(model=MODEL, prompt="Knock knock.", max_tokens=3, temperature=0)
     reply = client.completions.create(model=MODEL, prompt="Knock knock.", max_tokens=3, temperature=0, echo=True)
-    assert reply.choices[0].text.startswith("Knock knock.")
+    completion = plain.choices[0].text
+    assert completion and reply.choices[0].text == "Knock knock." + completion
 
 
 def test_wrong_and_missing_api_key(server):

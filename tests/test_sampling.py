@@ -10,6 +10,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import LLM, SamplingParams
 from dist_infer.layers.sampler import Sampler, SamplingBatch
+from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,64 @@ def test_sampled_frequencies_follow_the_distribution():
     tokens = Sampler()(logits, _batch(20000)).token_ids
     freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
     assert torch.allclose(freq, probs, atol=0.015)
+
+
+# Fixed logits over a small vocabulary, not sorted, with no near-ties at any top-p / min-p boundary below.
+_LOGITS = torch.tensor([0.3, 2.0, -1.2, 1.4, -0.4, 0.9, -2.5, 0.6])
+_SETTINGS = [dict(temperature=0.5), dict(temperature=1.0), dict(temperature=1.7),
+             dict(temperature=0.7, top_p=0.8), dict(temperature=1.6, top_p=0.9), dict(temperature=1.5, min_p=0.12),
+             dict(temperature=0.6, min_p=0.1), dict(temperature=1.3, top_k=5, top_p=0.9, min_p=0.05)]
+
+
+def _expected_distribution(temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """softmax(logits / T) restricted to the tokens top-k, then top-p, then min-p keep, renormalized (fp64)."""
+    probs = torch.softmax(_LOGITS.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    kept = order[:top_k] if top_k else order
+    mass = probs[kept] / probs[kept].sum()
+    # top-p: the smallest prefix of the sorted (renormalized) distribution whose mass reaches top_p
+    kept = [t for i, t in enumerate(kept) if i == 0 or mass[:i].sum() < top_p]
+    # min-p: prob >= min_p * max prob (a ratio, the same before or after renormalizing)
+    kept = [t for t in kept if probs[t] >= min_p * probs[order[0]]]
+    out = torch.zeros_like(probs)
+    out[kept] = probs[kept] / probs[kept].sum()
+    return out
+
+
+def _sample_rows(settings_per_row, seeded_rows=()):
+    """One sampler step over a batch whose row i uses ``settings_per_row[i]``, built as the worker builds it."""
+    states = [CachedRequestState(str(i), [], SamplingParams(max_tokens=1, **kw), [], 0,
+                                 torch.Generator().manual_seed(i) if i in seeded_rows else None)
+              for i, kw in enumerate(settings_per_row)]
+    batch = build_sampling_batch(states, len(_LOGITS), torch.device("cpu"))
+    return Sampler()(_LOGITS.expand(len(states), -1).contiguous(), batch).token_ids
+
+
+def _assert_follows(tokens, expected):
+    """Every token's frequency within 5 standard errors of its probability; filtered tokens never drawn."""
+    n = tokens.numel()
+    freq = torch.bincount(tokens, minlength=len(expected)).double() / n
+    tolerance = 5 * (expected * (1 - expected) / n).sqrt()
+    assert torch.all(freq[expected == 0] == 0), (freq, expected)
+    assert torch.all((freq - expected).abs() <= tolerance), (freq, expected)
+
+
+@pytest.mark.parametrize("settings", _SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(settings):
+    """20,000 draws from one row of fixed logits follow softmax(logits / T), filtered and renormalized."""
+    torch.manual_seed(0)
+    _assert_follows(_sample_rows([settings] * 20000), _expected_distribution(**settings))
+
+
+def test_each_row_of_a_mixed_batch_uses_its_own_settings():
+    """All the settings interleaved in one batch (so every filter tensor is present and per row), a third of the
+    rows drawing their noise from a seeded generator of their own: each setting's rows follow its distribution."""
+    torch.manual_seed(1)
+    n = 12000
+    rows = [_SETTINGS[i % len(_SETTINGS)] for i in range(n * len(_SETTINGS))]
+    tokens = _sample_rows(rows, seeded_rows=set(range(0, len(rows), 3)))
+    for j, settings in enumerate(_SETTINGS):
+        _assert_follows(tokens[j::len(_SETTINGS)], _expected_distribution(**settings))
 
 
 def test_logprobs_hold_top_n_and_sampled_token(llm):

@@ -208,6 +208,26 @@ def test_preemption_picks_lowest_priority_latest_arrival_and_it_resumes():
     assert kv.num_free_blocks == 6
 
 
+def test_a_request_in_a_step_in_flight_is_never_preempted():
+    """Pipeline micro-batches: x's step has not returned when y needs a block. x is the preferred victim (lower
+    priority) but holds blocks its in-flight step writes, so y, the only request not in flight, yields."""
+    sched, kv = _scheduler(num_blocks=4, block_size=4, budget=64, caching=False)
+    sched.add_request(_request("x", 8, max_tokens=8, priority=5, arrival=1.0))
+    _fake_step(sched)  # x: 8 prompt tokens in 2 blocks, 1 sampled
+    sched.add_request(_request("y", 4, max_tokens=8, priority=0, arrival=2.0))
+    _fake_step(sched)  # x takes a 3rd block, y its 1st: the pool is full
+    assert kv.num_free_blocks == 0
+    in_flight = sched.schedule(max_requests=1)  # x's decode fits its 3rd block
+    assert set(in_flight.num_scheduled_tokens) == {"x"}
+    nxt = sched.schedule(max_requests=1)  # y's decode needs a 2nd block while x is in flight
+    assert sched.requests["x"].status == RequestStatus.RUNNING
+    assert sched.requests["y"].status == RequestStatus.PREEMPTED and not nxt.num_scheduled_tokens
+    assert sched.stats.num_preemptions == 1
+    sched.update_from_output(in_flight, ModelRunnerOutput(sampled_token_ids={"x": 7}))
+    assert sched.requests["x"].num_computed_tokens == 10 and sched.requests["x"].num_output_tokens == 3
+    assert _run_all(sched) and kv.num_free_blocks == 4
+
+
 def test_resumed_request_is_sent_as_a_diff_with_its_new_table():
     sched, kv = _scheduler(num_blocks=4, block_size=2, budget=64, caching=False)
     sched.add_request(_request("a", 3, max_tokens=4, arrival=1.0))

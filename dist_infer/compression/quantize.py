@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from safetensors import safe_open
@@ -20,10 +19,8 @@ from tqdm.auto import tqdm
 from dist_infer.compression.side_files import copy_side_files
 from dist_infer.layers.quantization.config import QuantConfig
 from dist_infer.layers.quantization.math import quantize_int4, quantize_int8
+from dist_infer.layers.quantization.targets import LINEAR
 from dist_infer.model_loader.weights import checkpoint_files
-
-LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
-
 
 def quantized_tensors(name: str, weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
     """The stored form of one linear weight [out, in]."""

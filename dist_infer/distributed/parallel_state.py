@@ -1,16 +1,6 @@
 """Named process groups (``tp``, ``pp``, ``dp``), built in this one place.
 
-Rank layout, written down once: world = dp x pp x tp and
-
-    rank = dp_rank * (pp * tp) + pp_rank * tp + tp_rank          (tp fastest)
-
-so the ranks of one tensor-parallel group are consecutive and land on one node, the stages of one replica
-follow each other, and replicas are contiguous blocks of pp * tp ranks. Example, dp=2, pp=2, tp=2:
-
-    rank:     0  1  2  3  4  5  6  7
-    dp_rank:  0  0  0  0  1  1  1  1
-    pp_rank:  0  0  1  1  0  0  1  1
-    tp_rank:  0  1  0  1  0  1  0  1
+Which rank holds which (dp, pp, tp) place is ``layout.RankLayout``'s to say.
 
 Every group has a device group (NCCL on CUDA, gloo on the CPU) for tensors and a gloo CPU group for control
 messages. A process outside any distributed launch runs with trivial single-rank groups, so the parallel
@@ -24,45 +14,8 @@ from datetime import timedelta
 
 import torch
 
+from dist_infer.distributed.layout import RankLayout
 from dist_infer.distributed.utils import pin_gloo_interface
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    tp: int
-    pp: int
-    dp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    @property
-    def replica_size(self) -> int:
-        return self.tp * self.pp
-
-    def rank(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
-        return dp_rank * self.pp * self.tp + pp_rank * self.tp + tp_rank
-
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """rank -> (dp_rank, pp_rank, tp_rank)."""
-        return rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp
-
-    def tp_ranks(self, dp_rank: int, pp_rank: int) -> list[int]:
-        return [self.rank(dp_rank, pp_rank, t) for t in range(self.tp)]
-
-    def pp_ranks(self, dp_rank: int, tp_rank: int) -> list[int]:
-        return [self.rank(dp_rank, p, tp_rank) for p in range(self.pp)]
-
-    def dp_ranks(self, pp_rank: int, tp_rank: int) -> list[int]:
-        return [self.rank(d, pp_rank, tp_rank) for d in range(self.dp)]
-
-    def replica_ranks(self, dp_rank: int) -> list[int]:
-        return list(range(dp_rank * self.replica_size, (dp_rank + 1) * self.replica_size))
-
-    def output_rank(self, dp_rank: int) -> int:
-        """The rank that samples for a replica: tensor-parallel rank 0 of its last stage."""
-        return self.rank(dp_rank, self.pp - 1, 0)
 
 
 @dataclass
@@ -116,7 +69,6 @@ class ParallelGroup:
 
 
 _GROUPS: dict[str, ParallelGroup] = {}
-_LAYOUT: RankLayout | None = None
 
 
 def get_group(name: str) -> ParallelGroup:
@@ -142,10 +94,6 @@ def get_world_group() -> ParallelGroup:
     return get_group("world")
 
 
-def get_layout() -> RankLayout | None:
-    return _LAYOUT
-
-
 def device_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -159,7 +107,6 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
     """
     import torch.distributed as dist
 
-    global _LAYOUT
     backend = device_backend(device)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
@@ -167,7 +114,6 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
                                 timeout=timeout, **kwargs)
-    _LAYOUT = layout
     dp_rank, pp_rank, tp_rank = layout.coords(rank)
     world_cpu = dist.new_group(list(range(layout.world_size)), backend="gloo", timeout=timeout)
     _GROUPS["world"] = ParallelGroup("world", list(range(layout.world_size)), rank, dist.group.WORLD, world_cpu)
@@ -190,8 +136,6 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
 def destroy_distributed() -> None:
     import torch.distributed as dist
 
-    global _LAYOUT
     _GROUPS.clear()
-    _LAYOUT = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import functools
 from dataclasses import dataclass, fields
 
 from dist_infer.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from dist_infer.model_loader.resolve import resolve_model_path
 
 
 @dataclass
@@ -27,6 +28,7 @@ class EngineArgs:
     ray_address: str | None = None
     pipeline_placement: str = "PACK"
     worker_timeout_s: float = 300.0
+    worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
@@ -57,16 +59,20 @@ class EngineArgs:
             raise ValueError(f"{self.config_file} (engine section, or a flag overriding it): {e}") from None
 
     def _create_engine_config(self) -> EngineConfig:
-        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
-                                  self.distributed_executor_backend, self.pipeline_layer_partition, self.ray_address,
-                                  self.pipeline_placement, self.worker_timeout_s, self.max_batches_in_flight)
-        model = ModelConfig(self.model, self.tokenizer, self.dtype, self.seed, self.max_model_len,
-                            self.skip_tokenizer_init, self.quantization, self.quantization_group_size)
-        cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                            self.cpu_kv_cache_fraction, self.num_gpu_blocks_override, self.enable_prefix_caching,
-                            self.kv_cache_dtype)
-        scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.long_prefill_token_threshold)
+        parallel = ParallelConfig(**self._fields_of(ParallelConfig))
+        # The one place the model a user names (None: the default model; a .gguf file) becomes a folder,
+        # converting it if need be. int4 with groups of 32 is what llama.cpp's Q4_0 / Q4_1 store: such GGUF
+        # files load without a fp32 detour.
+        folder = resolve_model_path(self.model, keep_gguf_quantization=(
+            self.quantization == "int4" and self.quantization_group_size == 32))
+        model = ModelConfig(**{**self._fields_of(ModelConfig), "model": folder})
+        cache = CacheConfig(**self._fields_of(CacheConfig))
+        scheduler = SchedulerConfig(**self._fields_of(SchedulerConfig))
         return EngineConfig(model, cache, scheduler, parallel)
+
+    def _fields_of(self, config_cls) -> dict:
+        """This object's values for the fields ``config_cls`` takes, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(config_cls) if f.init}
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +100,10 @@ class EngineArgs:
         add("--pipeline-placement", choices=["PACK", "SPREAD"],
             help="Ray: keep a replica's stages together (PACK, default) or one node per stage (SPREAD)")
         add("--worker-timeout", dest="worker_timeout_s", type=float,
-            help="seconds before a silent worker is reported as hung (default 300)")
+            help="seconds a worker may take to answer a call or finish a step before it is reported as hung "
+                 "(default 300)")
+        add("--worker-load-timeout", dest="worker_load_timeout_s", type=float,
+            help="seconds placing the workers and loading the model may take (default 1800)")
         add("--block-size", type=int, help="tokens per KV-cache block (default 16)")
         add("--kv-cache-memory", type=int, help="bytes for the KV cache")
         add("--gpu-memory-utilization", type=float, help="default 0.9")
@@ -105,14 +114,10 @@ class EngineArgs:
         add("--long-prefill-token-threshold", type=int, help="default: half of --max-num-batched-tokens")
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
-        """The config file's values (if ``--config``), then the flags given on the command line."""
+    def from_cli_args(cls, args: argparse.Namespace, base: dict | None = None) -> EngineArgs:
+        """``base`` (a cluster config's engine section: ``cluster_config.engine_args_from_cli``), then the flags
+        given on the command line."""
         known = {f.name for f in fields(cls)}
-        values = {}
-        config_file = getattr(args, "config_file", None)
-        if config_file:
-            from dist_infer.cluster_config import load_cluster_config
-
-            values.update(load_cluster_config(config_file).engine, config_file=config_file)
+        values = dict(base or {})
         values.update({k: v for k, v in vars(args).items() if k in known and k != "config_file"})
         return cls(**values)

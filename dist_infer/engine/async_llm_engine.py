@@ -66,6 +66,10 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._stopping = False
+        # Set (under _closing) by the drain once the loop has ended: from then on nobody reads _commands, so a
+        # submitter holding this lock either queues before the drain or sees the reason and settles its own.
+        self._closing = threading.Lock()
+        self._closed_reason: EngineDeadError | None = None
         # Requests handed to the engine thread, and of those the ones it has applied (one writer each).
         self._adds_submitted = 0
         self._adds_applied = 0
@@ -184,7 +188,15 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine is shut down")
 
     def _submit(self, command: _Command) -> None:
-        self._commands.put(command)
+        """Queues ``command`` for the engine thread, or, once that thread has drained its queue for the last
+        time, settles it here with the reason (the liveness check and the put are one step under _closing)."""
+        with self._closing:
+            reason = self._closed_reason
+            if reason is None:
+                self._commands.put(command)
+        if reason is not None:
+            command.settle(error=reason)
+            return
         self._wakeup.set()
 
     # ---- engine side (background thread) -------------------------------------------------------------
@@ -223,15 +235,19 @@ class AsyncLLMEngine:
             else:
                 command.settle(result)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: EngineDeadError) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(error)
-        while True:  # commands that will never run now
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        with self._closing:  # the last drain: later submitters settle their own commands (see _submit)
+            self._closed_reason = error
+            pending = []
+            while True:
+                try:
+                    pending.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        for command in pending:  # commands that will never run now
             command.settle(error=error)
 
 

@@ -1,8 +1,8 @@
 """One data-parallel replica's engine core: its scheduler, its KV cache, and its steps in flight.
 
-With pipeline parallelism the core keeps up to ``max_concurrent_batches`` (= the number of stages) steps
-in flight, each over requests the others do not hold, so every stage has work: while stage 1 runs step k,
-stage 0 runs step k+1.
+With pipeline parallelism the core keeps up to ``max_batches_in_flight`` (default: the number of stages)
+steps in flight, each over requests the others do not hold, so every stage has work: while stage 1 runs
+step k, stage 0 runs step k+1.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ class EngineCore:
                                                config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, config.model_config.max_model_len)
         self.in_flight: deque[tuple[SchedulerOutput, Future]] = deque()
-        self.max_in_flight = min(executor.max_concurrent_batches, config.parallel_config.max_batches_in_flight)
+        # What the executor can carry, capped by the setting.
+        self.max_batches_in_flight = min(executor.max_batches_in_flight, config.parallel_config.max_batches_in_flight)
 
     def fill_pipeline(self) -> None:
         """Schedules and starts steps until the pipeline is full or nothing more can run.
@@ -32,10 +33,10 @@ class EngineCore:
         With several steps in flight, each takes at most its share of the requests, so that the steps that
         follow have requests of their own and every stage stays busy."""
         cap = None
-        if self.max_in_flight > 1:
+        if self.max_batches_in_flight > 1:
             active = min(self.scheduler.num_unfinished, self.scheduler.config.max_num_seqs)
-            cap = max(1, -(-active // self.max_in_flight))
-        while len(self.in_flight) < self.max_in_flight:
+            cap = max(1, -(-active // self.max_batches_in_flight))
+        while len(self.in_flight) < self.max_batches_in_flight:
             scheduled = self.scheduler.schedule(cap)
             if not scheduled.num_scheduled_tokens:
                 return

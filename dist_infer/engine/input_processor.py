@@ -28,6 +28,12 @@ class InputProcessor:
         bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
+        if params.stop_strings and self.tokenizer is None:
+            # Stop strings are matched in the detokenized text, which there is none of without a tokenizer.
+            raise ValueError(
+                f"stop={list(params.stop_strings)!r} needs a tokenizer, but this engine was built with "
+                f"skip_tokenizer_init=True; use stop_token_ids instead"
+            )
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size ({vocab})")
         limit = self.model_config.max_model_len

@@ -61,9 +61,6 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def num_held(self, request_id: str) -> int:
-        return len(self.block_tables.get(request_id, ()))
-
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.block_tables.get(request_id, ())]
 

@@ -19,7 +19,7 @@ from dist_infer.engine.output_processor import OutputProcessor
 from dist_infer.engine.request import Request, RequestStatus
 from dist_infer.engine.stats import SchedulerStats
 from dist_infer.engine.tokenizer import eos_token_ids, load_tokenizer
-from dist_infer.executor.base import create_executor
+from dist_infer.executor.factory import create_executor
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import SamplingParams
 

@@ -47,7 +47,6 @@ class Request:
         # How many of ``token_ids`` the workers have been sent.
         self.num_tokens_sent = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
-        self.num_preemptions = 0
 
     @property
     def sort_key(self) -> tuple[int, float]:
@@ -69,10 +68,6 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         return self.num_prompt_tokens + self.max_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

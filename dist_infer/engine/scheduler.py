@@ -93,7 +93,6 @@ class Scheduler:
         self.kv.free(request.request_id, num_computed_tokens=request.num_computed_tokens)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._push_waiting(request)
 

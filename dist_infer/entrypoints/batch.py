@@ -51,15 +51,21 @@ def read_requests(path: str) -> list[dict]:
 
 
 def finished_ids(path: str) -> set[str]:
-    """custom_ids with a complete line in an existing output; drops a torn last line."""
+    """custom_ids with a complete line in an existing output; truncates the file after the last complete line.
+
+    A line is complete when it ends with its newline (each result is written as one ``line + "\n"``) and holds a
+    JSON object with a custom_id. A last line without its newline is torn even when it parses: the interruption
+    fell between the record and its newline, and appending to it would glue the next record onto it."""
     if not os.path.exists(path):
         return set()
     done, keep = set(), 0
     with open(path, "rb") as f:
         for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # cut short by an interruption: redone
             try:
                 done.add(json.loads(raw)["custom_id"])
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 break  # a line cut short by an interruption: everything from here is rewritten
             keep += len(raw)
     with open(path, "rb+") as f:

@@ -55,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log each request's prompt and completion text, with e-mail addresses, phone and card numbers, "
              "secret-looking tokens and the server's keys masked (default: no text is logged)")
     opt("--served-model-name", help="the model id clients use (default: from the path)")
-    opt("--max-waiting", type=int, help="answer 429 once this many requests wait to start (default: unbounded)")
+    opt("--max-waiting", type=int, help="answer 429 when a request's sequences (prompts x n) would make more than "
+                                        "this many wait to start; >= 1 (default: unbounded)")
+    opt("--max-prompts-per-request", type=int, help="more prompts in one completions request is a 400 (default 256)")
     opt("--max-request-bytes", type=int, help="default 1 MiB")
+    opt("--request-timeout", type=float, help="seconds a request's headers, and then its body, may take to arrive "
+                                              "(408 after; default 30)")
+    opt("--timeout-keep-alive", type=float, help="seconds an idle keep-alive connection stays open (default 5)")
+    opt("--max-connections", type=int, help="open connections at most; requests beyond get 503 (default 1024)")
     opt("--ready-timeout", type=float, help="seconds /ready may take (default 30)")
     opt("--log-level", type=str.lower, choices=["critical", "error", "warning", "info", "debug"],
         help="the server's and uvicorn's log level (default warning; info adds a line per request)")
@@ -135,11 +141,11 @@ def run_worker(argv: list[str]) -> int:
     debug = getattr(args, "debug", False)
     if not debug:
         _quiet_libraries()
-    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.cluster_config import engine_args_from_cli
     from dist_infer.executor.torchrun import worker_loop
 
     try:
-        worker_loop(EngineArgs.from_cli_args(args).create_engine_config())
+        worker_loop(engine_args_from_cli(args).create_engine_config())
     except Exception as e:
         if debug:
             raise
@@ -163,11 +169,12 @@ def _quiet_libraries() -> None:
 
 
 def _generate(args) -> int:
-    from dist_infer.engine.arg_utils import EngineArgs
-    from dist_infer.entrypoints.llm import LLM, apply_chat_template
+    from dist_infer.cluster_config import engine_args_from_cli
+    from dist_infer.entrypoints.chat_utils import chat_prompt
+    from dist_infer.entrypoints.llm import LLM
     from dist_infer.sampling_params import SamplingParams
 
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = engine_args_from_cli(args)
     # Validate sampling flags before the (slower) model load.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
@@ -178,9 +185,7 @@ def _generate(args) -> int:
         prompts = []
         for text in args.prompts:
             if use_chat:
-                templated = apply_chat_template(tokenizer, [{"role": "user", "content": text}])
-                prompts.append({"prompt": templated,
-                                "prompt_token_ids": tokenizer.encode(templated, add_special_tokens=False)})
+                prompts.append(chat_prompt(tokenizer, [{"role": "user", "content": text}]))
             else:
                 prompts.append(text)
         if args.stream:
@@ -222,12 +227,12 @@ def _model_name(served_name: str | None, model: str | None) -> str:
 def _batch(args) -> int:
     import asyncio
 
-    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.cluster_config import engine_args_from_cli
     from dist_infer.engine.async_llm_engine import AsyncLLMEngine
     from dist_infer.entrypoints.batch import read_requests, run_batch
 
     read_requests(args.input)  # a malformed input fails before the model loads
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = engine_args_from_cli(args)
     engine = AsyncLLMEngine(engine_args.create_engine_config())
     try:
         name = _model_name(args.served_model_name, engine_args.model)
@@ -239,14 +244,15 @@ def _batch(args) -> int:
 
 
 def _serve(args) -> int:
-    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.cluster_config import engine_args_from_cli
     from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
     from dist_infer.entrypoints.openai.auth import APIKeys, startup_warnings
 
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = engine_args_from_cli(args)
     options = {"host": "127.0.0.1", "port": 8000, "api_key_file": None, "metrics_public": False,
                "log_requests": False, "served_model_name": None, "max_waiting": None, "max_request_bytes": 1 << 20,
-               "ready_timeout": 30.0, "log_level": "warning"}
+               "ready_timeout": 30.0, "log_level": "warning", "max_prompts_per_request": 256,
+               "request_timeout": 30.0, "timeout_keep_alive": 5.0, "max_connections": 1024}
     if getattr(args, "config_file", None):
         from dist_infer.cluster_config import load_cluster_config
 
@@ -259,7 +265,11 @@ def _serve(args) -> int:
     keys = APIKeys.load(key, key_source, options["api_key_file"])
     settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), keys,
                               options["max_waiting"], options["max_request_bytes"], options["ready_timeout"],
-                              options["metrics_public"], options["log_requests"])
+                              options["metrics_public"], options["log_requests"],
+                              max_prompts_per_request=options["max_prompts_per_request"],
+                              request_timeout_s=options["request_timeout"],
+                              keep_alive_timeout_s=options["timeout_keep_alive"],
+                              max_connections=options["max_connections"])
     for warning in startup_warnings(options["host"], keys, key_on_command_line, options["api_key_file"]):
         print(f"dist-infer: warning: {warning}", file=sys.stderr, flush=True)
     run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))
@@ -269,10 +279,10 @@ def _serve(args) -> int:
 def _eval_ppl(args) -> int:
     from dataclasses import asdict
 
-    from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.cluster_config import engine_args_from_cli
     from dist_infer.eval.perplexity import perplexity
 
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = engine_args_from_cli(args)
     if args.model_path is not None:
         engine_args.model = args.model_path
     result = perplexity(args.eval_tokens, args.window, args.chunk, **asdict(engine_args))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from dist_infer.engine.llm_engine import LLMEngine
+from dist_infer.entrypoints.chat_utils import as_conversations, chat_prompt
+from dist_infer.entrypoints.prompt_args import per_prompt
 from dist_infer.outputs import RequestOutput
-from dist_infer.sampling_params import SamplingParams
+from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -40,7 +43,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """One ``RequestOutput`` per prompt, in the order given. ``prompts``: a string, a
+        """One ``RequestOutput`` per prompt, in the order given, each the request's whole result whatever its
+        ``output_kind`` (that setting shapes streamed outputs only). ``prompts``: a string, a
         ``{"prompt_token_ids": [...]}`` dict, or a list of those."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -62,20 +66,22 @@ class LLM:
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        conversations = as_conversations(messages)
         if not conversations:
             raise ValueError("messages is empty: give at least one conversation")
         prompts = []
         for conversation in conversations:
             if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
                 raise ValueError("each conversation must be a non-empty list of {'role': ..., 'content': ...} dicts")
-            text = apply_chat_template(tokenizer, conversation, add_generation_prompt, chat_template)
-            # The template already holds any BOS token, so none is added again.
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            prompts.append(chat_prompt(tokenizer, conversation, add_generation_prompt, chat_template))
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts, params, priorities, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
+        # Only each request's final output is kept, so it must be the whole result whatever output_kind the
+        # caller asked for (a DELTA request's last output holds only its last piece).
+        params = [p if p.output_kind == RequestOutputKind.FINAL_ONLY
+                  else dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [engine.next_request_id() for _ in prompts]
         added = []
         try:
@@ -106,20 +112,3 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-
-def apply_chat_template(tokenizer, conversation, add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; pass chat_template= or use generate()")
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
-
-
-def per_prompt(value, n: int, name: str) -> list:
-    """One value per prompt: None gives default SamplingParams, a single value repeats, a list must match."""
-    if value is None:
-        return [SamplingParams() for _ in range(n)]
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
-        return list(value)
-    return [value] * n

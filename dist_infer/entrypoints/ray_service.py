@@ -17,10 +17,12 @@ processes, or Ray actors of their own). ``RemoteEngine`` gives the HTTP server t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-from dist_infer.entrypoints.llm import per_prompt
+from dist_infer.entrypoints.chat_utils import as_conversations, chat_prompt
+from dist_infer.entrypoints.prompt_args import per_prompt
 from dist_infer.executor import ray_cluster
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
@@ -51,13 +53,8 @@ class LLMService:
         return list(await asyncio.gather(*(one(prompt, p) for prompt, p in zip(prompts, params))))
 
     async def chat(self, conversations: list, params: list[SamplingParams]) -> list[RequestOutput]:
-        from dist_infer.entrypoints.llm import apply_chat_template
-
         tokenizer = self.engine.tokenizer
-        prompts = []
-        for conversation in conversations:
-            text = apply_chat_template(tokenizer, conversation)
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        prompts = [chat_prompt(tokenizer, conversation) for conversation in conversations]
         return await self.generate(prompts, params)
 
     async def stream(self, prompt, params: SamplingParams, request_id: str, priority: int = 0):
@@ -144,7 +141,7 @@ class LLMHandle:
              ) -> list[RequestOutput]:
         import ray
 
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        conversations = as_conversations(messages)
         params = per_prompt(sampling_params, len(conversations), "sampling_params")
         return ray.get(self.actor.chat.remote(conversations, params))
 
@@ -184,6 +181,7 @@ class RemoteEngine:
         from dist_infer.engine.tokenizer import load_tokenizer
 
         self.handle = handle
+        self._waiting, self._fetching = 0, None
         self.tokenizer = load_tokenizer(engine_config.model_config)
         self._inputs = InputProcessor(engine_config.model_config, self.tokenizer)
 
@@ -191,9 +189,22 @@ class RemoteEngine:
         return self._inputs.process(prompt, sampling_params)
 
     def num_waiting(self) -> int:
-        import ray
+        """The actor's waiting count as last fetched; never blocks. Called on the server's event loop (at each
+        admission), it starts a fetch when none is in flight, so the value lags by at most one round trip
+        while requests arrive. The server's own admission count does not depend on it (``admission``)."""
+        if self._fetching is None or self._fetching.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: nothing can await the answer
+                return self._waiting
+            self._fetching = loop.create_task(self._fetch_waiting())
+        return self._waiting
 
-        return ray.get(self.handle.actor.num_waiting.remote())
+    async def _fetch_waiting(self) -> None:
+        try:
+            self._waiting = await self.handle.actor.num_waiting.remote()
+        except Exception:  # a dead actor: requests fail on their own, with the error
+            pass
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:

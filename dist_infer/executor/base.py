@@ -2,7 +2,7 @@
 
 An executor moves calls to workers and results back, and nothing else: ``collective_rpc`` calls a method
 on workers and waits; ``execute_model`` hands one scheduler output to the workers of a data-parallel
-replica and returns a future of the sampled tokens, so that up to ``max_concurrent_batches`` steps can be
+replica and returns a future of the sampled tokens, so that up to ``max_batches_in_flight`` steps can be
 in flight (one per pipeline stage).
 """
 
@@ -14,8 +14,8 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from dist_infer.config import EngineConfig
+from dist_infer.distributed.layout import layout_of
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
-from dist_infer.worker.worker import layout_of
 
 Method = str | Callable[..., Any]  # a Worker method name, or a function called as fn(worker, *args)
 
@@ -49,7 +49,7 @@ class Executor(ABC):
         self.layout = layout_of(config)
 
     @property
-    def max_concurrent_batches(self) -> int:
+    def max_batches_in_flight(self) -> int:
         return 1
 
     @abstractmethod
@@ -71,21 +71,3 @@ class Executor(ABC):
     def shutdown(self) -> None:
         pass
 
-
-def create_executor(config: EngineConfig) -> Executor:
-    backend = config.parallel_config.distributed_executor_backend
-    if backend == "uni":
-        from dist_infer.executor.uniproc import UniProcExecutor
-
-        return UniProcExecutor(config)
-    if backend == "mp":
-        from dist_infer.executor.multiproc import MultiprocExecutor
-
-        return MultiprocExecutor(config)
-    if backend == "ray":
-        from dist_infer.executor.ray_executor import RayExecutor
-
-        return RayExecutor(config)
-    from dist_infer.executor.torchrun import TorchrunExecutor
-
-    return TorchrunExecutor(config)

@@ -61,12 +61,8 @@ class DistributedExecutor(Executor):
     handles: list[WorkerHandle]
 
     @property
-    def max_concurrent_batches(self) -> int:
+    def max_batches_in_flight(self) -> int:
         return self.layout.pp
-
-    @property
-    def timeout(self) -> float:
-        return self.config.parallel_config.worker_timeout_s
 
     def collective_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list:
@@ -74,15 +70,23 @@ class DistributedExecutor(Executor):
         futures = [self.handles[r].call(method, args, kwargs or {}) for r in ranks]
         return self.wait_all(futures, ranks, method if isinstance(method, str) else method.__name__)
 
-    def wait_all(self, futures: list[Future], ranks: list[int], what: str) -> list:
-        done, not_done = wait(futures, timeout=self.timeout, return_when=FIRST_EXCEPTION)
+    def wait_all(self, futures: list[Future], ranks: list[int], what: str, timeout: float | None = None) -> list:
+        """The futures' results in order; the first failure, or a WorkerError naming the silent ranks after
+        ``timeout`` seconds (default: ``worker_timeout_s``)."""
+        if timeout is None:
+            timeout = self.config.parallel_config.worker_timeout_s
+        done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
         for f in futures:
             if f in done and f.exception() is not None:
                 raise f.exception()
         if not_done:
             late = [r for r, f in zip(ranks, futures) if f in not_done]
-            raise self.handles[late[0]].error(what, f"no answer within {self.timeout:.0f}s (ranks {late} silent)")
+            raise self.handles[late[0]].error(what, f"no answer within {timeout:.0f}s (ranks {late} silent)")
         return [f.result() for f in futures]
+
+    def wait_loaded(self, loads: list[Future]) -> None:
+        """Waits for every worker's load (one future per rank), for up to ``worker_load_timeout_s``."""
+        self.wait_all(loads, list(range(len(loads))), "load", self.config.parallel_config.worker_load_timeout_s)
 
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
         ranks = self.layout.replica_ranks(replica)

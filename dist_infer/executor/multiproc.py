@@ -3,7 +3,8 @@
 Each worker is a spawned process with a pipe to the coordinator. A sender thread writes calls to the pipe
 (so the coordinator never blocks on a busy worker) and a reader thread resolves the calls' futures in order
 as replies arrive. A worker that dies fails its pending calls at once with its exit code; a worker whose
-parent dies is killed by the kernel (PR_SET_PDEATHSIG), so no process outlives the coordinator.
+coordinator process dies (even by SIGKILL, even while the worker is stuck in a step) is killed by the kernel
+(PR_SET_PDEATHSIG), so no process outlives the coordinator.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ _SHUTDOWN = None
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this worker when the thread that started it exits (the engine is built on the main thread)."""
+    """SIGKILL this worker when the thread that started it exits. The kernel ties PR_SET_PDEATHSIG to the
+    creating *thread*, so workers are always started from the spawner thread (``_start_process``), which
+    lives as long as the coordinator process: the signal then means "the coordinator process is gone"."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -38,13 +41,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_rank: int, num_threads: int,
-                 parent_pid: int) -> None:
+                 parent_pid: int, local_world_size: int) -> None:
     _die_with_parent(parent_pid)
     from dist_infer.distributed.parallel_state import destroy_distributed
     from dist_infer.worker.worker import Worker
 
     try:
-        worker = Worker(config, rank, init_method, local_rank, num_threads)
+        worker = Worker(config, rank, init_method, local_rank, num_threads, local_world_size=local_world_size)
     except BaseException as e:
         conn.send(("error", format_failure(e)))
         return
@@ -65,14 +68,48 @@ def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_
     destroy_distributed()
 
 
+_spawner_lock = threading.Lock()
+_spawner: tuple[int, queue.SimpleQueue] | None = None  # (the pid that owns it, its requests)
+
+
+def _start_process(process) -> None:
+    """Starts ``process`` from this process's one spawner thread and waits until it is started.
+
+    The caller's thread may be short-lived (an engine built in a thread pool): had it started the worker, the
+    worker's PR_SET_PDEATHSIG would kill it when that thread exits. The spawner thread only ends with the
+    process, so workers die with the coordinator process and with nothing else."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # none yet, or inherited through a fork
+            requests: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=_spawn_loop, args=(requests,), name="dist-infer-spawner", daemon=True).start()
+            _spawner = (os.getpid(), requests)
+        requests = _spawner[1]
+    started: Future = Future()
+    requests.put((process, started))
+    started.result()  # re-raises what start() raised
+
+
+def _spawn_loop(requests: queue.SimpleQueue) -> None:
+    while True:
+        process, started = requests.get()
+        try:
+            process.start()
+        except BaseException as e:
+            started.set_exception(e)
+        else:
+            started.set_result(None)
+
+
 class ProcessWorker(WorkerHandle):
     def __init__(self, ctx, config: EngineConfig, rank: int, coords, init_method: str, local_rank: int,
-                 num_threads: int):
+                 num_threads: int, local_world_size: int):
         super().__init__(rank, coords)
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, name=f"dist-infer-worker-{rank}", daemon=True,
-                                   args=(child, config, rank, init_method, local_rank, num_threads, os.getpid()))
-        self.process.start()
+                                   args=(child, config, rank, init_method, local_rank, num_threads, os.getpid(),
+                                         local_world_size))
+        _start_process(self.process)
         child.close()
         self._lock = threading.Lock()
         self._pending: deque[tuple[Future, str]] = deque()
@@ -152,10 +189,11 @@ class MultiprocExecutor(DistributedExecutor):
         init_method = self.rendezvous.init_method
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // world)  # workers share this machine's cores without oversubscribing them
-        self.handles = [ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank, threads)
+        # Every worker runs on this host: they split its CPU KV-cache budget (local_world_size = world).
+        self.handles = [ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank, threads, world)
                         for rank in range(world)]
         try:
-            self.wait_all([h.ready for h in self.handles], list(range(world)), "load")
+            self.wait_loaded([h.ready for h in self.handles])
         except BaseException:
             self.shutdown()
             raise

@@ -20,6 +20,7 @@ once, naming its rank, its node and the address.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import Future
 
 from dist_infer.config import EngineConfig
@@ -61,12 +62,14 @@ class RayWorkerActor:
     def reach(self, host: str, port: int, timeout_s: float) -> str | None:
         return check_reachable(host, port, timeout_s)
 
-    def init_worker(self, config: EngineConfig, rank: int, init_method: str) -> tuple[str, object]:
+    def init_worker(self, config: EngineConfig, rank: int, init_method: str,
+                    local_world_size: int = 1) -> tuple[str, object]:
         from dist_infer.worker.worker import Worker
 
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
         try:
-            self.worker = Worker(config, rank, init_method, local_rank=0, num_threads=threads)
+            self.worker = Worker(config, rank, init_method, local_rank=0, num_threads=threads,
+                                 local_world_size=local_world_size)
         except BaseException as e:
             return "error", format_failure(e)
         return "ok", None
@@ -180,11 +183,12 @@ class RayExecutor(DistributedExecutor):
                 pg = placement_group([dict(bundle)] * layout.tp, strategy="STRICT_PACK",
                                      bundle_label_selector=selector)
                 self.placement_groups.append(pg)
-                ready, _ = ray.wait([pg.ready()], timeout=parallel.worker_timeout_s)
+                ready, _ = ray.wait([pg.ready()], timeout=parallel.worker_load_timeout_s)
                 if not ready:
                     raise RuntimeError(
                         f"Ray could not place replica {d} stage {p} ({layout.tp} x {bundle}, one node"
-                        f"{', apart from its other stages' if selector else ''}) within {parallel.worker_timeout_s:.0f}s; "
+                        f"{', apart from its other stages' if selector else ''}) within "
+                        f"{parallel.worker_load_timeout_s:.0f}s; "
                         f"cluster resources: {ray.available_resources()}"
                     )
                 for t in range(layout.tp):
@@ -203,8 +207,11 @@ class RayExecutor(DistributedExecutor):
             ip = infos[0]["ip"]
             self._check_rendezvous(ip, infos)
             init_method = tcp_init_method(ip, ray.get(self.handles[0].actor.free_port.remote()))
-        loads = [h._wrap(h.actor.init_worker.remote(config, h.rank, init_method), "load") for h in self.handles]
-        self.wait_all(loads, list(range(layout.world_size)), "load")
+        # Workers on one node share its RAM, so they split its CPU KV-cache budget.
+        per_node = Counter(info["node_id"] for info in infos)
+        loads = [h._wrap(h.actor.init_worker.remote(config, h.rank, init_method, per_node[info["node_id"]]), "load")
+                 for h, info in zip(self.handles, infos)]
+        self.wait_loaded(loads)
 
     def _check_rendezvous(self, ip: str, infos: list[dict], timeout_s: float = 15.0) -> None:
         """Fails at once, naming the rank, when a worker cannot reach rank 0's host at ``ip``."""

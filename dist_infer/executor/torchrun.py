@@ -17,10 +17,11 @@ from concurrent.futures import Future
 import torch.distributed as dist
 
 from dist_infer.config import EngineConfig
+from dist_infer.distributed.layout import layout_of
 from dist_infer.distributed.parallel_state import destroy_distributed, get_world_group
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
 from dist_infer.executor.base import Executor, Method, WorkerError, format_failure, run_method
-from dist_infer.worker.worker import Worker, layout_of
+from dist_infer.worker.worker import Worker
 
 
 def launched_rank() -> int:
@@ -48,7 +49,9 @@ def _broadcast(message) -> object:
 def _start_worker(config: EngineConfig, rank: int) -> Worker:
     _check_world(config)
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
-    return Worker(config, rank, "env://", int(os.environ.get("LOCAL_RANK", "0")), threads)
+    # torchrun's LOCAL_WORLD_SIZE workers share this node's RAM, so they split its CPU KV-cache budget.
+    return Worker(config, rank, "env://", int(os.environ.get("LOCAL_RANK", "0")), threads,
+                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class TorchrunExecutor(Executor):

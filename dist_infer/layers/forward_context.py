@@ -71,10 +71,6 @@ class AttentionMetadata:
             writes = self._block_writes[block_size] = torch.unique(blocks, return_inverse=True)
         return writes
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.decodes.count if self.decodes is not None else 0
-
 
 _current: AttentionMetadata | None = None
 

@@ -69,19 +69,6 @@ class LinearBase(nn.Module):
         return self.linear_method.apply(self, x, bias)
 
 
-class ReplicatedLinear(LinearBase):
-    """Every rank holds the whole weight."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, params_dtype=None, quant_config=None):
-        super().__init__(input_size, output_size, bias, params_dtype, quant_config)
-
-    def weight_loader(self, param, loaded, shard_id=None):
-        copy_into(param.data, narrow(loaded, 0, 0, source_shape(loaded)[0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
-
-
 class ColumnParallelLinear(LinearBase):
     """``y_r = x W_r^T + b_r`` with ``W_r`` = rows [r*out/p, (r+1)*out/p) of ``W``.
 
@@ -178,9 +165,6 @@ class QKVParallelLinear(ColumnParallelLinear):
         if param.dim() == 2:
             check_dim(loaded, 1, param.shape[1])
         copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, start, size))
-
-    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
 class RowParallelLinear(LinearBase):

@@ -2,7 +2,9 @@
 
 Only where the PyTorch reference path pays for a copy it cannot avoid: paged decode attention gathers every
 key and value into a padded tensor before attending; the native kernel reads them once, straight from their
-blocks. Without a compiler (or with ``DIST_INFER_NATIVE_KERNELS=0``) the reference path runs instead.
+blocks. Without a compiler (or with ``DIST_INFER_NATIVE_KERNELS=0``) the reference path runs instead; a
+compiler that fails on the source is a defect, not a missing tool: it is warned about (once per process,
+with the compiler's message) before the reference path takes over, and ``build_paged_decode`` raises it.
 
 The library is built with ``-march=native`` into the dist-infer cache, keyed by the source, the flags and
 the CPU's features, and linked against the OpenMP runtime torch already loaded, so both share one thread
@@ -17,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,10 +47,18 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
+def native_compiler() -> str:
+    """The C compiler the build runs: ``$CC``, else ``cc``."""
+    return os.environ.get("CC", "cc")
+
+
+def native_compiler_available() -> bool:
+    return shutil.which(native_compiler()) is not None
+
+
 @functools.lru_cache(maxsize=None)
-def _load() -> ctypes.CDLL | None:
-    source = _SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "cc")
+def _load(source_path: Path, compiler: str) -> ctypes.CDLL:
+    source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS + _LIBS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
     target = cache_root() / "native" / f"paged_decode-{key}.so"
@@ -56,7 +67,7 @@ def _load() -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True)
+            subprocess.run([compiler, *_FLAGS, str(source_path), "-o", tmp, *_LIBS], check=True, capture_output=True)
             os.replace(tmp, target)  # atomic: a concurrent build just replaces an identical file
         finally:
             if os.path.exists(tmp):
@@ -70,16 +81,42 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+class NativeBuildError(RuntimeError):
+    """The C compiler exists but could not build (or the result could not be loaded)."""
+
+
+# (compiler, source) -> why the kernel is unavailable: each reason is warned about and tried once per process
+_failures: dict[tuple[str, Path], str] = {}
+
+
+def build_paged_decode(source: Path | None = None) -> ctypes.CDLL:
+    """Builds (or loads from the cache) the native kernel; raises ``FileNotFoundError`` when the compiler is not
+    installed and ``NativeBuildError`` when it is but the build or the load fails."""
+    compiler, source = native_compiler(), source or _SOURCE
+    if not native_compiler_available():
+        raise FileNotFoundError(f"C compiler {compiler!r} not found (set $CC to another)")
+    try:
+        return _load(source, compiler)
+    except subprocess.CalledProcessError as e:
+        raise NativeBuildError(f"{compiler} failed to build {source.name}: "
+                               f"{e.stderr.decode(errors='replace')[-2000:]}") from e
+    except (OSError, AttributeError) as e:  # a library that does not load or lacks a kernel symbol
+        raise NativeBuildError(f"native kernel {source.name} built by {compiler} does not load: {e}") from e
+
+
 def paged_decode_kernel():
-    """The native decode kernel, or None when it cannot be built here (the reason is logged once)."""
+    """The native decode kernel, or None when disabled, when there is no compiler, or when the build fails; the
+    PyTorch path runs instead, after a warning (once per process) that says why."""
     if not native_kernels_enabled():
         return None
+    key = (native_compiler(), _SOURCE)
+    if key in _failures:
+        return None
     try:
-        return _load()
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-        logger.warning("native paged attention unavailable, using the PyTorch path: %s", detail)
-        _load.cache_clear()
+        return build_paged_decode(_SOURCE)
+    except (FileNotFoundError, NativeBuildError) as e:
+        _failures[key] = str(e)
+        logger.warning("native paged attention unavailable, using the PyTorch path: %s", e)
         return None
 
 

@@ -64,8 +64,8 @@ def quantized_tensors_from_gguf(path: str, skeleton, arch: str, show_progress: b
         load_gguf_checkpoint,
     )
 
-    from dist_infer.compression.quantize import LINEAR
     from dist_infer.layers.quantization.math import quantize_int4
+    from dist_infer.layers.quantization.targets import LINEAR
 
     config = load_gguf_checkpoint(path)["config"]
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)

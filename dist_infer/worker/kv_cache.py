@@ -1,7 +1,13 @@
-"""The KV-cache tensors of one worker: allocation, binding to the attention layers, and block hygiene.
+"""The KV-cache tensors of one worker: allocation, binding to the attention layers, and int8 scale resets.
 
 Per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype, or int8 codes with
 [2, num_blocks, num_kv_heads] scales (``kv_cache_dtype="int8"``: half the bytes of bf16, a quarter of fp32).
+
+The whole pool is zero-filled when it is allocated. That touches every page, so the memory is really taken at
+start: an over-committed host fails there rather than under load, and the process's resident memory reports
+what the cache costs. It also keeps the cache free of NaNs: attention reads whole blocks and masks the unused
+slots, and a masked NaN would still poison the output (0 * NaN); after that a block only holds what the model
+wrote into it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class KVCacheStore:
         workspace = GatherWorkspace(self.device)
         self.caches, self.scales = [], []
         for layer in self.layers:
-            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+            cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
                                 dtype=self.dtype, device=self.device)
             scales = None
             if self.int8:
@@ -46,26 +52,11 @@ class KVCacheStore:
                 self.scales.append(scales)
             layer.bind_kv_cache(cache, workspace, scales)
             self.caches.append(cache)
-        # Attention reads whole blocks and masks the unused slots; a masked NaN would still poison the
-        # output (0 * NaN), so each block is zeroed before first use. On the CPU this is done lazily, as
-        # zero-filling the whole pool up front would touch every page of it.
-        if self.device.type == "cpu":
-            self._zeroed = bytearray(num_blocks)
-        else:
-            for cache in self.caches:
-                cache.zero_()
-            self._zeroed = bytearray(b"\x01") * num_blocks
 
     def prepare_blocks(self, block_ids: list[int], fresh_from: int = 0) -> None:
-        """Blocks a request was just given: each is zeroed on its first use ever; ``block_ids[fresh_from:]``
-        are about to be written (the ones before are prefix-cache hits) and start with int8 scales of 0."""
-        never_used = [b for b in block_ids if not self._zeroed[b]]
-        if never_used:
-            index = torch.tensor(never_used, dtype=torch.long, device=self.device)
-            for cache in self.caches:
-                cache.index_fill_(1, index, 0)
-            for b in never_used:
-                self._zeroed[b] = 1
+        """Blocks a request was just given: ``block_ids[fresh_from:]`` are about to be written (the ones before
+        are prefix-cache hits) and, with an int8 cache, start with scales of 0 (a block's scale only grows as
+        tokens are written into it). Nothing to do for other caches."""
         fresh = block_ids[fresh_from:]
         if self.int8 and fresh:
             index = torch.tensor(fresh, dtype=torch.long, device=self.device)

@@ -48,12 +48,17 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def kv_cache_budget(cache_config: CacheConfig, device: torch.device) -> int:
-    """Bytes for the KV cache: ``kv_cache_memory`` if set; on CUDA ``gpu_memory_utilization`` of the card
-    minus what is in use (weights included); on the CPU ``cpu_kv_cache_fraction`` of available RAM."""
+def kv_cache_budget(cache_config: CacheConfig, device: torch.device, workers_on_host: int = 1) -> int:
+    """Bytes for this worker's KV cache: ``kv_cache_memory`` if set; on CUDA ``gpu_memory_utilization`` of the
+    card minus what is in use (weights included); on the CPU ``cpu_kv_cache_fraction`` of the RAM available
+    now, split evenly among the ``workers_on_host`` workers that draw on the same RAM:
+    ``available * fraction / workers_on_host``, so the host as a whole gives ``fraction`` of its memory to KV
+    caches however many workers it runs (every worker measures before any of them allocates)."""
+    if workers_on_host < 1:
+        raise ValueError(f"workers_on_host must be >= 1, got {workers_on_host!r}")
     if cache_config.kv_cache_memory is not None:
         return cache_config.kv_cache_memory
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(total * cache_config.gpu_memory_utilization) - (total - free)
-    return int(available_host_memory() * cache_config.cpu_kv_cache_fraction)
+    return int(available_host_memory() * cache_config.cpu_kv_cache_fraction / workers_on_host)

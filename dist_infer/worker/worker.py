@@ -12,16 +12,12 @@ import time
 import torch
 
 from dist_infer.config import EngineConfig
-from dist_infer.distributed.parallel_state import RankLayout, get_pp_group, get_tp_group, init_distributed
+from dist_infer.distributed.layout import layout_of
+from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from dist_infer.engine.kv_cache_manager import cdiv
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
-from dist_infer.worker.memory import PeakMemory, kv_cache_budget
+from dist_infer.worker.memory import PeakMemory, anon_rss_bytes, kv_cache_budget
 from dist_infer.worker.model_runner import ModelRunner
-
-
-def layout_of(config: EngineConfig) -> RankLayout:
-    p = config.parallel_config
-    return RankLayout(p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size)
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -32,8 +28,10 @@ def pick_device(local_rank: int = 0) -> torch.device:
 
 class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, local_rank: int = 0,
-                 num_threads: int | None = None, device: torch.device | None = None):
-        self.config, self.rank = config, rank
+                 num_threads: int | None = None, device: torch.device | None = None, local_world_size: int = 1):
+        """``local_world_size``: how many workers run on this host (this one included); they share its RAM,
+        so each takes that share of the CPU KV-cache budget (see ``kv_cache_budget``)."""
+        self.config, self.rank, self.local_world_size = config, rank, local_world_size
         self.device = device or pick_device(local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -41,7 +39,7 @@ class Worker:
             torch.set_num_threads(num_threads)
         layout = layout_of(config)
         if layout.world_size > 1:
-            init_distributed(layout, rank, init_method, self.device, config.parallel_config.worker_timeout_s)
+            init_distributed(layout, rank, init_method, self.device, config.parallel_config.collective_timeout_s)
         # Unseeded requests draw from the global generator: seeding it makes whole runs repeatable.
         torch.manual_seed(config.model_config.seed)
         self.coords = layout.coords(rank)
@@ -53,23 +51,32 @@ class Worker:
             "pp_rank": get_pp_group().rank_in_group,
             "parameter_bytes": self.runner.model.parameter_bytes,
             "load_peak_memory_increase": memory.increase,  # private memory, sampled after every tensor
+            "anon_rss_after_load": anon_rss_bytes(),
             "pid": os.getpid(),
         }
+        self.kv_cache_bytes = 0
         self.steps, self.step_seconds, self.ready_at = 0, 0.0, time.monotonic()
 
     def memory_report(self) -> dict:
-        return dict(self.load_report)
+        """What loading took, the KV cache's bytes (all of them resident: the cache is filled when allocated)
+        and the private memory this process holds now."""
+        return dict(self.load_report, kv_cache_bytes=self.kv_cache_bytes, anon_rss_bytes=anon_rss_bytes())
+
+    def kv_cache_budget(self) -> int:
+        """Bytes this worker may give its KV cache (its share of the host's budget; see ``kv_cache_budget``)."""
+        return kv_cache_budget(self.config.cache_config, self.device, self.local_world_size)
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache_config
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         per_block = self.runner.kv_bytes_per_block()
-        budget = kv_cache_budget(cache, self.device)
+        budget = self.kv_cache_budget()
         if budget < per_block:
             raise ValueError(
                 f"KV cache budget of {max(budget, 0)} bytes is less than one block ({per_block} bytes); "
-                f"raise kv_cache_memory or gpu_memory_utilization"
+                f"raise kv_cache_memory, gpu_memory_utilization or cpu_kv_cache_fraction (on the CPU it is "
+                f"shared by the {self.local_world_size} worker(s) of this host)"
             )
         # More blocks than every sequence at full length can use would only waste memory.
         ceiling = self.config.scheduler_config.max_num_seqs * cdiv(self.config.model_config.max_model_len, cache.block_size)
@@ -77,6 +84,7 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        self.kv_cache_bytes = num_blocks * self.runner.kv_bytes_per_block()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         start = time.perf_counter()
@@ -97,7 +105,3 @@ class Worker:
 
     def ping(self) -> int:
         return self.rank
-
-    def fail(self, message: str) -> None:
-        """Raises on purpose: lets tests check that a worker's error reaches the coordinator."""
-        raise RuntimeError(message)

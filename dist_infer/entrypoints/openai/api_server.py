@@ -5,12 +5,16 @@ Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health
 what failed otherwise), ``/metrics`` (Prometheus) and ``/openapi.json``. With API keys every route but
 ``/health`` needs ``Authorization: Bearer <key>`` (``--metrics-public`` opens ``/metrics`` too); see
 ``middleware`` for the checks every request goes through, ``auth`` for keys, ``request_log`` for what is logged.
-Bodies over ``max_request_bytes`` get 413, non-JSON POSTs 415, malformed ones 400, unknown models and paths
-404, a full waiting queue 429 with ``Retry-After``; only real faults are 500, logged with the request id.
+Bodies over ``max_request_bytes`` get 413, non-JSON POSTs 415, malformed ones 400 (deep nesting and invalid
+Unicode included), unknown models and paths 404, slow headers or bodies 408, a full waiting queue 429 with
+``Retry-After``, a client gone before its answer 499 (in metrics and the log); only real faults are 500, logged
+with the request id. A non-streamed request whose client disconnects is cancelled, aborting its engine requests.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -21,16 +25,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from dist_infer.entrypoints.openai.auth import APIKeys
+from dist_infer.entrypoints.openai.body import decode_json_object
 from dist_infer.entrypoints.openai.errors import OpenAIError, http_error, http_error_code, validation_error
+from dist_infer.entrypoints.openai.http_server import uvicorn_config
 from dist_infer.entrypoints.openai.metrics import ServerMetrics
 from dist_infer.entrypoints.openai.middleware import ServerMiddleware
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from dist_infer.entrypoints.openai.redact import Redactor
 from dist_infer.entrypoints.openai.request_log import RequestLog, configure_logging
-from dist_infer.entrypoints.openai.serving import OpenAIServing
+from dist_infer.entrypoints.openai.serving import EventStream, OpenAIServing
 
 logger = logging.getLogger("dist_infer.server")
 
@@ -41,19 +48,27 @@ _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class ServerSettings:
     model_name: str
     api_keys: APIKeys | str | None = field(default_factory=APIKeys)  # a str: one key, named "default"
-    max_waiting: int | None = None
+    max_waiting: int | None = None  # sequences (prompts x n) that may wait to start; None: no limit
     max_request_bytes: int = 1 << 20
     ready_timeout_s: float = 30.0
     metrics_public: bool = False  # /metrics answers without a key
     log_requests: bool = False  # log prompt and completion text (masked)
+    max_prompts_per_request: int = 256
+    request_timeout_s: float = 30.0  # for a request's headers, and again for its body
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); more get 503
 
     def __post_init__(self) -> None:
         if self.api_keys is None or isinstance(self.api_keys, str):
             self.api_keys = APIKeys.load(self.api_keys, "api_key")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}; omit it for no limit")
+        for name in ("max_request_bytes", "max_prompts_per_request", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "keep_alive_timeout_s", "ready_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: int | None = None) -> FastAPI:
@@ -62,12 +77,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     if num_replicas is None:
         num_replicas = len(getattr(getattr(engine, "engine", None), "cores", ())) or 1
     metrics = ServerMetrics(engine, settings.model_name, num_replicas, min(settings.ready_timeout_s, 10.0))
-    serving = OpenAIServing(engine, settings.model_name, settings.max_waiting, metrics)
+    serving = OpenAIServing(engine, settings.model_name, settings.max_waiting, metrics,
+                            settings.max_prompts_per_request)
     request_log = RequestLog(settings.log_requests, Redactor(settings.api_keys.secrets()))
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     open_paths = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
     app.add_middleware(ServerMiddleware, routes=app.router.routes, keys=settings.api_keys, open_paths=open_paths,
-                       max_request_bytes=settings.max_request_bytes, metrics=metrics, request_log=request_log)
+                       max_request_bytes=settings.max_request_bytes, metrics=metrics, request_log=request_log,
+                       body_timeout_s=settings.request_timeout_s)
 
     def note(request: Request, code: str | None, param: str | None = None) -> None:
         record = getattr(request.state, "record", None)
@@ -92,16 +109,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
         return http_error(request, exc)
 
     async def parse(request: Request, model):
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
-            raise OpenAIError(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes",
-                              code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
+        body = await request.body()  # the middleware stops reading past max_request_bytes (413)
+        data = decode_json_object(body)
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -110,8 +119,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     async def respond(request: Request, result):
         if isinstance(result, dict):
             return JSONResponse(result)
-        return StreamingResponse(_guarded(result, request.state.request_id, request_log),
-                                 media_type="text/event-stream")
+        return _EventStreamResponse(result, _guarded(result, request.state.request_id, request_log))
 
     @app.get("/health")
     async def health():
@@ -140,12 +148,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
-        return await respond(request, await _serve(serving.completions, body, request.state.record))
+        return await respond(request, await _unless_disconnected(request, _serve(serving.completions, body,
+                                                                                 request.state.record)))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await parse(request, ChatCompletionRequest)
-        return await respond(request, await _serve(serving.chat, body, request.state.record))
+        return await respond(request, await _unless_disconnected(request, _serve(serving.chat, body,
+                                                                                 request.state.record)))
 
     return app
 
@@ -157,6 +167,46 @@ async def _serve(handler, body, record):
         raise OpenAIError(503, f"the engine is not running: {e}", code="engine_dead") from None
     except ValueError as e:  # a request the engine refused (e.g. it can never fit)
         raise OpenAIError(400, str(e), code="invalid_request") from None
+
+
+async def _unless_disconnected(request: Request, work):
+    """``work``'s result, or ``ClientDisconnect`` as soon as the client goes away, ``work`` cancelled (which
+    aborts its engine requests). A non-streamed answer would otherwise run to its end for nobody."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
+        watch.cancel()
+        gone = not task.done()
+        if gone:
+            task.cancel()
+    if gone:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # its engine requests are aborted on the way out
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: ``receive`` only waits for that now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStreamResponse(StreamingResponse):
+    """An SSE response that closes its ``EventStream`` however it ends (finished, client gone, never started),
+    so its engine requests are aborted and its admission released."""
+
+    def __init__(self, stream: EventStream, content):
+        super().__init__(content, media_type="text/event-stream")
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
 
 
 async def _guarded(stream, request_id: str, request_log: RequestLog):
@@ -195,7 +245,6 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
         keys = settings.api_keys.names
         access = f"API keys: {', '.join(keys)}" if keys else "no API key"
         print(f"dist-infer serving {settings.model_name} on http://{host}:{port} ({access})", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
-                    timeout_graceful_shutdown=5, lifespan="off")
+        uvicorn.Server(uvicorn_config(app, host, port, log_level, settings)).run()
     finally:
         engine.shutdown()

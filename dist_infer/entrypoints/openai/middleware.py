@@ -9,8 +9,12 @@ In order, for each HTTP request:
    cannot be probed, and ``/ready`` never runs its canary for a caller without a key;
 3. a POST to a route must say ``Content-Type: application/json`` (parameters allowed), else 415: a web page
    can send a ``text/plain`` POST to a keyless local server without a CORS preflight, not a JSON one;
-4. a body over ``max_request_bytes`` is 413, by its ``Content-Length`` or as it arrives;
-5. an exception no handler answered is a 500 in OpenAI's shape, logged with the request id (without its
+4. a body over ``max_request_bytes`` is 413, by its ``Content-Length`` or as it arrives (reading stops
+   there), and a body not complete ``body_timeout_s`` after the headers is 408; both answers close the
+   connection, so the rest of the upload is never read;
+5. a client that leaves before its answer (while uploading, or while a non-streamed answer is computed) counts
+   as 499 with one log line and no traceback: that is the client's doing, not a fault;
+6. an exception no handler answered is a 500 in OpenAI's shape, logged with the request id (without its
    message, which may quote the request).
 
 When the response is complete (a stream included), ``dist_infer_requests_total{endpoint,status,key}`` counts it
@@ -19,8 +23,11 @@ and the request log writes its line.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from dist_infer.entrypoints.openai.auth import NO_KEY, UNAUTHENTICATED, APIKeys
@@ -28,14 +35,17 @@ from dist_infer.entrypoints.openai.errors import OpenAIError, error_response
 from dist_infer.entrypoints.openai.request_log import RequestLog, RequestRecord, request_id_from
 
 UNMATCHED = "unmatched"
+CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection before the answer"
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+_CLOSE = {"Connection": "close"}  # the unread rest of a refused upload is not worth reading
 
 
 class ServerMiddleware:
     def __init__(self, app, *, routes, keys: APIKeys, open_paths: set[str], max_request_bytes: int, metrics,
-                 request_log: RequestLog):
+                 request_log: RequestLog, body_timeout_s: float | None = None):
         self.app, self.routes, self.keys, self.open_paths = app, routes, keys, open_paths
         self.max_request_bytes, self.metrics, self.request_log = max_request_bytes, metrics, request_log
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -66,6 +76,8 @@ class ServerMiddleware:
                 return
             try:
                 await self.app(scope, self._limited(receive), send_wrapper)
+            except ClientDisconnect:  # it left while uploading or waiting: nobody to answer, nothing to trace
+                record.note_error("client_disconnected")
             except Exception as e:  # a real fault: logged with the id, answered in OpenAI's shape if still possible
                 self.request_log.exception(f"request {record.request_id} to {endpoint} failed", e)
                 record.note_error("internal_error")
@@ -73,8 +85,9 @@ class ServerMiddleware:
                     await error_response(500, f"internal error (request id {record.request_id})",
                                          code="internal_error")(scope, receive, send_wrapper)
         finally:
-            status = record.status if record.status is not None else 499  # the client left before an answer
-            self.metrics.count_response(endpoint, status, record.key)
+            if record.status is None:  # the client left before an answer
+                record.status = CLIENT_CLOSED
+            self.metrics.count_response(endpoint, record.status, record.key)
             self.request_log.finished(record)
 
     def _route(self, scope) -> tuple[str, bool]:
@@ -108,21 +121,32 @@ class ServerMiddleware:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             return error_response(413, f"request body of {length} bytes exceeds the limit of "
-                                       f"{self.max_request_bytes}", code="request_too_large")
+                                       f"{self.max_request_bytes}", code="request_too_large", headers=_CLOSE)
         return None
 
     def _limited(self, receive):
-        """``receive`` that refuses a body growing past the limit (a chunked upload has no Content-Length)."""
-        limit, seen = self.max_request_bytes, 0
+        """``receive`` that refuses a body growing past the limit (a chunked upload has no Content-Length) and
+        one still incomplete ``body_timeout_s`` after the headers (a client trickling it in to hold a slot).
+        Once the body is complete it passes messages through untimed (the disconnect watch waits on it)."""
+        limit, seen, complete = self.max_request_bytes, 0, False
+        deadline = time.monotonic() + self.body_timeout_s if self.body_timeout_s else None
 
         async def wrapped():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise OpenAIError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                                      code="request_timeout", headers=_CLOSE) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes",
-                                      code="request_too_large")
+                                      code="request_too_large", headers=_CLOSE)
+                complete = not message.get("more_body", False)
             return message
 
         return wrapped

@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dist_infer.entrypoints.openai.redact import Redactor
@@ -66,6 +67,10 @@ class RequestRecord:
 class RequestLog:
     def __init__(self, log_requests: bool, redactor: Redactor):
         self.log_requests, self.redactor = log_requests, redactor
+        # Errors whose traceback is already in the log, by identity, oldest first. One engine failure is raised
+        # into every stream it ends; each raise of the same object lengthens its traceback, so logging each in
+        # full would grow the log quadratically with the number of streams.
+        self._logged: OrderedDict[int, tuple[BaseException, str]] = OrderedDict()
 
     def finished(self, record: RequestRecord) -> None:
         quiet = record.endpoint in _QUIET_ENDPOINTS and record.status is not None and record.status < 400
@@ -94,17 +99,41 @@ class RequestLog:
         logger.log(level, "request %s", " ".join(parts))
 
     def exception(self, what: str, exc: BaseException) -> None:
-        """``what`` failed: logged at ERROR with the traceback, the messages hidden (masked with --log-requests)."""
+        """``what`` failed: logged at ERROR with the traceback, the messages hidden (masked with --log-requests).
+        An error (or a cause of it) already logged gets one line pointing at the first report instead."""
+        chain = _chain(exc)
+        for e in chain:
+            seen = self._logged.get(id(e))
+            if seen is not None and seen[0] is e:
+                logger.error("%s: %s (the same error as %s; traceback logged there)", what, _type_name(exc), seen[1])
+                return
         logger.error("%s\n%s", what, format_exception(exc, self.redactor if self.log_requests else None))
+        for e in chain:
+            self._logged[id(e)] = (e, what)
+        while len(self._logged) > _MAX_REMEMBERED:
+            self._logged.popitem(last=False)
 
 
-def format_exception(exc: BaseException, redactor: Redactor | None = None) -> str:
-    """A traceback (frames and exception types) whose messages are hidden, or masked by ``redactor``."""
+_MAX_REMEMBERED = 64
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its causes / contexts, outermost first."""
     chain, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    return chain
+
+
+def _type_name(e: BaseException) -> str:
+    return type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+
+
+def format_exception(exc: BaseException, redactor: Redactor | None = None) -> str:
+    """A traceback (frames and exception types) whose messages are hidden, or masked by ``redactor``."""
+    chain = _chain(exc)
     lines: list[str] = []
     for i, e in enumerate(reversed(chain)):
         if i:
@@ -116,8 +145,7 @@ def format_exception(exc: BaseException, redactor: Redactor | None = None) -> st
             message = redactor(text)
         else:
             message = f"<message hidden ({len(text)} chars); --log-requests logs it masked>" if text else ""
-        name = type(e).__qualname__ if type(e).__module__ == "builtins" else \
-            f"{type(e).__module__}.{type(e).__qualname__}"
+        name = _type_name(e)
         lines.append(f"{name}: {message}\n" if message else f"{name}\n")
     return "".join(lines).rstrip("\n")
 

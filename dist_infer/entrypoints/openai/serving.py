@@ -1,9 +1,12 @@
 """The completions and chat endpoints: request -> engine requests (one per prompt and choice) -> response.
 
 Every prompt is checked and tokenized before anything is queued, so a bad request is a 400 even when it
-asks for a stream. Streams are Server-Sent Events ending with ``data: [DONE]``; when the client goes away the
-stream is cancelled, which aborts its engine requests and frees their KV blocks. With a ``record`` (the
-server's request log), token counts and time to first token are noted on it, and the texts when it asks.
+asks for a stream; then its ``prompts x n`` sequences are admitted against ``--max-waiting`` (see
+``admission``), at most ``max_prompts`` prompts a request. Streams are Server-Sent Events ending with
+``data: [DONE]``; when the client goes away the stream is closed, and a non-streamed request is cancelled (the
+server watches its connection), either of which aborts its engine requests and frees their KV blocks. With a
+``record`` (the server's request log), token counts and time to first token are noted on it, and the texts when
+it asks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine
-from dist_infer.entrypoints.llm import apply_chat_template
+from dist_infer.entrypoints.chat_utils import chat_prompt
+from dist_infer.entrypoints.openai.admission import Admission, Reservation
 from dist_infer.entrypoints.openai.errors import OpenAIError
 from dist_infer.entrypoints.openai.formatting import chat_logprobs, completion_logprobs, usage
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -42,9 +46,28 @@ class _Choice:
     output: RequestOutput | None = None
 
 
+class EventStream:
+    """A response's SSE pieces. ``aclose()`` ends it, aborting its engine requests, and releases its admission
+    even if it was never iterated (a client that leaves before the first piece)."""
+
+    def __init__(self, pieces: AsyncIterator[str], reservation: Reservation):
+        self._pieces, self._reservation = pieces, reservation
+
+    def __aiter__(self):
+        return self._pieces.__aiter__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._pieces.aclose()
+        finally:
+            self._reservation.release_all()
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_waiting: int | None, metrics):
-        self.engine, self.model_name, self.max_waiting, self.metrics = engine, model_name, max_waiting, metrics
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_waiting: int | None, metrics,
+                 max_prompts: int | None = None):
+        self.engine, self.model_name, self.metrics, self.max_prompts = engine, model_name, metrics, max_prompts
+        self.admission = Admission(max_waiting, lambda: engine.num_waiting())
 
     # ---- shared checks ---------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -52,10 +75,11 @@ class OpenAIServing:
             raise OpenAIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
                               param="model", code="model_not_found")
 
-    def admit(self) -> None:
-        if self.max_waiting is not None and self.engine.num_waiting() >= self.max_waiting:
-            raise OpenAIError(429, f"the server's waiting queue is full ({self.max_waiting} requests); retry later",
-                              code="queue_full", headers={"Retry-After": "1"})
+    def check_prompt_count(self, count: int) -> None:
+        if self.max_prompts is not None and count > self.max_prompts:
+            raise OpenAIError(400, f"prompt: {count} prompts in one request; this server takes at most "
+                                   f"{self.max_prompts} (--max-prompts-per-request)", param="prompt",
+                              code="too_many_prompts")
 
     def _params(self, req, max_tokens, logprobs: int | None, kind: RequestOutputKind) -> SamplingParams:
         fields = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -88,17 +112,21 @@ class OpenAIServing:
         return choices
 
     # ---- running ---------------------------------------------------------------------------------------
-    async def _events(self, choices: list[_Choice], priority: int) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
-        """Outputs of all choices as they come; cancelling the iteration aborts every engine request."""
+    async def _events(self, choices: list[_Choice], priority: int, reservation: Reservation
+                      ) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+        """Outputs of all choices as they come; cancelling the iteration aborts every engine request. A choice
+        stops counting as waiting (``reservation``) at its first output."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: _Choice) -> None:
             try:
                 async for out in self.engine.generate(choice.prompt, choice.params, choice.request_id, priority):
+                    reservation.release(choice.index)
                     await queue.put((choice, out))
             except Exception as e:  # surfaced to the response
                 await queue.put((choice, e))
             finally:
+                reservation.release(choice.index)
                 await queue.put((choice, None))
 
         tasks = [asyncio.create_task(pump(c)) for c in choices]
@@ -127,12 +155,15 @@ class OpenAIServing:
             self.metrics.observe_request(out, len(choice.token_ids))
         return completion.text, completion.token_ids, completion.logprobs or []
 
-    async def _collect(self, choices: list[_Choice], priority: int, record=None) -> None:
-        """Runs the choices to the end (a non-streamed answer), then notes the outputs on ``record``."""
+    async def _collect(self, choices: list[_Choice], priority: int, reservation: Reservation, record=None) -> None:
+        """Runs the choices to the end (a non-streamed answer), then notes the outputs on ``record``. Cancelling
+        it (the client left) aborts every engine request."""
         try:
-            async for choice, out in self._events(choices, priority):
-                self._absorb(choice, out)
+            async with contextlib.aclosing(self._events(choices, priority, reservation)) as events:
+                async for choice, out in events:
+                    self._absorb(choice, out)
         finally:
+            reservation.release_all()
             self._note_outputs(record, choices)
 
     @staticmethod
@@ -169,9 +200,10 @@ class OpenAIServing:
             raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
-        self.admit()
         prompts = _completion_prompts(req.prompt)
+        self.check_prompt_count(len(prompts))
         choices = self._choices(prompts, req, req.max_tokens, req.logprobs, req.stream, "cmpl")
+        reservation = self.admission.reserve(len(choices))
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         tokenizer = self.engine.tokenizer
 
@@ -187,7 +219,7 @@ class OpenAIServing:
             return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
 
         if not req.stream:
-            await self._collect(choices, req.priority, record)
+            await self._collect(choices, req.priority, reservation, record)
             body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": self._usage(choices, req.n)}
             for c in choices:
@@ -198,7 +230,7 @@ class OpenAIServing:
 
         async def pieces():
             echoed = set()
-            async for choice, out in self._events(choices, req.priority):
+            async for choice, out in self._events(choices, req.priority, reservation):
                 offset = len(choice.text)
                 text, token_ids, logprobs = self._absorb(choice, out)
                 if req.echo and choice.index not in echoed:
@@ -213,7 +245,7 @@ class OpenAIServing:
                             "model": self.model_name, "choices": [], "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return self._noted_stream(pieces(), record, choices)
+        return EventStream(self._noted_stream(pieces(), record, choices), reservation)
 
     async def _noted_stream(self, pieces, record, choices):
         """``pieces``, closed as soon as the client leaves (not when collected), then the outputs noted."""
@@ -230,22 +262,21 @@ class OpenAIServing:
         tokenizer = self.engine.tokenizer
         try:
             conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-            text = apply_chat_template(tokenizer, conversation, req.add_generation_prompt)
+            prompt = chat_prompt(tokenizer, conversation, req.add_generation_prompt)
         except Exception as e:  # the template rejects the conversation (roles, order, content)
             raise OpenAIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
-        self.admit()
-        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
         num_top = req.top_logprobs or 0
         logprobs = num_top if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         choices = self._choices([prompt], req, max_tokens, logprobs, req.stream, "chatcmpl")
+        reservation = self.admission.reserve(len(choices))
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._note_prompts(record, choices, req.n, lambda: [f"{m['role']}: {m['content']}" for m in conversation])
 
         if not req.stream:
-            await self._collect(choices, req.priority, record)
+            await self._collect(choices, req.priority, reservation, record)
             return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                                  "finish_reason": c.finish_reason,
@@ -261,7 +292,7 @@ class OpenAIServing:
         async def pieces():
             for c in choices:
                 yield chunk(c.index, {"role": "assistant", "content": ""})
-            async for choice, out in self._events(choices, req.priority):
+            async for choice, out in self._events(choices, req.priority, reservation):
                 text, token_ids, lps = self._absorb(choice, out)
                 lp = chat_logprobs(token_ids, lps, num_top, tokenizer) if req.logprobs else None
                 yield chunk(choice.index, {"content": text} if text else {}, choice.finish_reason, lp)
@@ -271,7 +302,7 @@ class OpenAIServing:
                             "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return self._noted_stream(pieces(), record, choices)
+        return EventStream(self._noted_stream(pieces(), record, choices), reservation)
 
 
 def _completion_prompts(prompt) -> list[dict]:
