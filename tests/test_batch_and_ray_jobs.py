@@ -83,9 +83,12 @@ def test_bad_batch_file_is_refused_before_loading(tmp_path):
     path = tmp_path / "in.jsonl"
     line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m"}})
     path.write_text(line + "\n" + line + "\n")
-    result = subprocess.run([*CLI, "batch", "-i", str(path), "-o", str(tmp_path / "o.jsonl")], capture_output=True,
-                            text=True, timeout=120)
+    # The model named does not exist: a check made only after loading would report the model instead.
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run([*CLI, "batch", "-i", str(path), "-o", str(tmp_path / "o.jsonl"), "--model", str(missing)],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "in.jsonl:2: custom_id 'a' appears twice" in result.stderr
+    assert "no-such-model" not in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -201,5 +204,34 @@ def test_two_replicas_share_load_and_keep_prefixes_together(tiny_llama_with_toke
         hits = final[("dist_infer_prefix_cache_hit_tokens_total", home)] - \
             after_load[("dist_infer_prefix_cache_hit_tokens_total", home)]
         assert hits > 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_serve_named_engine_holds_max_waiting(ray_head, tiny_llama_with_tokenizer):
+    """``serve --name``: the engine is a named Ray actor and the server admits against it. A burst of streams
+    beyond ``--max-waiting`` gets 429s (admission counts each request before the next is looked at), and every
+    admitted stream ends with [DONE]."""
+    model = os.path.basename(tiny_llama_with_tokenizer)
+    server = ServerProcess("--name", "dist-infer-serve-test", "--ray-address", "auto", "--model",
+                           tiny_llama_with_tokenizer, "--max-waiting", "4", "--max-num-seqs", "2",
+                           "--kv-cache-memory", str(1 << 22))
+    try:
+        async def one(client, i):
+            body = {"model": model, "prompt": f"Stream {i}:", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            async with client.stream("POST", server.base_url + "/v1/completions", json=body) as reply:
+                text = "".join([chunk async for chunk in reply.aiter_text()])
+                return reply.status_code, text
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=300) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(30)))
+
+        replies = asyncio.run(burst())
+        codes = [code for code, _ in replies]
+        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) >= 4, codes
+        assert all(text.rstrip().endswith("data: [DONE]") for code, text in replies if code == 200)
     finally:
         server.stop()

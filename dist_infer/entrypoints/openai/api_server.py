@@ -237,7 +237,9 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
 
         from dist_infer.entrypoints.ray_service import RemoteEngine, start_service
 
-        engine = RemoteEngine(start_service(name, **asdict(engine_args)), config)
+        # The model was resolved (a GGUF file converted) above: the actor gets the folder, not the name again.
+        engine = RemoteEngine(start_service(name, **{**asdict(engine_args), "model": config.model_config.model}),
+                              config)
     else:
         engine = AsyncLLMEngine(config)
     try:
