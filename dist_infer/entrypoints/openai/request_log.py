@@ -176,7 +176,6 @@ class PrivacyFilter(logging.Filter):
 
 _LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
            "debug": logging.DEBUG}
-LOG_LEVELS = tuple(_LEVELS)
 
 
 def configure_logging(level: str, log_requests: bool, redactor: Redactor) -> None:

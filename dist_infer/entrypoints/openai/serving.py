@@ -35,7 +35,6 @@ logger = logging.getLogger("dist_infer.server")
 @dataclass
 class _Choice:
     index: int
-    prompt_index: int
     request_id: str
     prompt: dict
     params: SamplingParams
@@ -108,7 +107,7 @@ class OpenAIServing:
                     params = self._params(req, max_tokens, logprobs, kind)
                     params.seed = (req.seed + i) % 2**64
                 index = p * req.n + i
-                choices.append(_Choice(index, p, f"{tag}-{uuid.uuid4().hex}-{index}", ready, params))
+                choices.append(_Choice(index, f"{tag}-{uuid.uuid4().hex}-{index}", ready, params))
         return choices
 
     # ---- running ---------------------------------------------------------------------------------------
