@@ -128,8 +128,7 @@ class ModelConfig:
 
 
 def _model_folder(model) -> str:
-    if model is None or not isinstance(model, (str, os.PathLike)) or os.fspath(model).endswith(".gguf") \
-            or not os.path.isdir(model):
+    if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):  # None, a .gguf file, a typo
         raise ValueError(
             f"ModelConfig(model={model!r}) needs an existing model folder; resolve what the user named first "
             f"(dist_infer.model_loader.resolve.resolve_model_path turns None or a .gguf file into a folder, "

@@ -117,7 +117,7 @@ def test_a_failing_build_raises_and_warns_once_before_falling_back(monkeypatch, 
         build_paged_decode(broken)
     monkeypatch.setenv("DIST_INFER_NATIVE_KERNELS", "1")
     monkeypatch.setattr(native_kernels, "_SOURCE", broken)
-    monkeypatch.setattr(native_kernels, "_failures", {})
+    monkeypatch.setattr(native_kernels, "_failures", set())
     with caplog.at_level("WARNING", logger=native_kernels.__name__):
         assert paged_decode_kernel() is None
         layer = Attention(4, 16, 2, scale=0.25)

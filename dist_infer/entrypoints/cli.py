@@ -243,33 +243,36 @@ def _batch(args) -> int:
     return 0
 
 
+# serve's flags (and cluster-config server keys) that are ServerSettings fields, by the field each sets.
+_SETTINGS_FIELDS = {"max_waiting": "max_waiting", "max_request_bytes": "max_request_bytes",
+                    "ready_timeout": "ready_timeout_s", "metrics_public": "metrics_public",
+                    "log_requests": "log_requests", "max_prompts_per_request": "max_prompts_per_request",
+                    "request_timeout": "request_timeout_s", "timeout_keep_alive": "keep_alive_timeout_s",
+                    "max_connections": "max_connections"}
+
+
 def _serve(args) -> int:
     from dist_infer.cluster_config import engine_args_from_cli
     from dist_infer.entrypoints.openai.api_server import ServerSettings, run_server
     from dist_infer.entrypoints.openai.auth import APIKeys, startup_warnings
 
     engine_args = engine_args_from_cli(args)
-    options = {"host": "127.0.0.1", "port": 8000, "api_key_file": None, "metrics_public": False,
-               "log_requests": False, "served_model_name": None, "max_waiting": None, "max_request_bytes": 1 << 20,
-               "ready_timeout": 30.0, "log_level": "warning", "max_prompts_per_request": 256,
-               "request_timeout": 30.0, "timeout_keep_alive": 5.0, "max_connections": 1024}
+    options = {"host": "127.0.0.1", "port": 8000, "api_key_file": None, "served_model_name": None,
+               "log_level": "warning"}
+    given = {}  # the config file's server section, then the flags given; the rest keep ServerSettings' defaults
     if getattr(args, "config_file", None):
         from dist_infer.cluster_config import load_cluster_config
 
-        options.update(load_cluster_config(args.config_file).server)
-    options.update({k: v for k, v in vars(args).items() if k in options})
+        given.update(load_cluster_config(args.config_file).server)
+    given.update({k: v for k, v in vars(args).items() if k in options or k in _SETTINGS_FIELDS})
+    options.update({k: v for k, v in given.items() if k in options})
     # Keys are checked (and warnings given) before the model loads: a typo costs seconds, not a model load.
     key_on_command_line = "api_key" in vars(args)
     key, key_source = ((args.api_key, "--api-key") if key_on_command_line
                        else (os.environ.get("DIST_INFER_API_KEY"), "DIST_INFER_API_KEY"))
     keys = APIKeys.load(key, key_source, options["api_key_file"])
     settings = ServerSettings(_model_name(options["served_model_name"], engine_args.model), keys,
-                              options["max_waiting"], options["max_request_bytes"], options["ready_timeout"],
-                              options["metrics_public"], options["log_requests"],
-                              max_prompts_per_request=options["max_prompts_per_request"],
-                              request_timeout_s=options["request_timeout"],
-                              keep_alive_timeout_s=options["timeout_keep_alive"],
-                              max_connections=options["max_connections"])
+                              **{_SETTINGS_FIELDS[k]: v for k, v in given.items() if k in _SETTINGS_FIELDS})
     for warning in startup_warnings(options["host"], keys, key_on_command_line, options["api_key_file"]):
         print(f"dist-infer: warning: {warning}", file=sys.stderr, flush=True)
     run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))

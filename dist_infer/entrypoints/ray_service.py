@@ -18,6 +18,7 @@ processes, or Ray actors of their own). ``RemoteEngine`` gives the HTTP server t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -42,10 +43,8 @@ class LLMService:
         return True
 
     async def generate(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
-        import asyncio
-
         async def one(prompt, p):
-            final = SamplingParams(**{**_fields(p), "output_kind": RequestOutputKind.FINAL_ONLY})
+            final = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             async for out in self.engine.generate(prompt, final, uuid.uuid4().hex):
                 result = out
             return result
@@ -79,12 +78,6 @@ class LLMService:
 
     async def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def _fields(params: SamplingParams) -> dict:
-    from dataclasses import fields
-
-    return {f.name: getattr(params, f.name) for f in fields(params) if f.init}
 
 
 def start_service(name: str, **engine_kwargs) -> LLMHandle:
@@ -149,8 +142,7 @@ class LLMHandle:
         """The new text as it is generated."""
         import ray
 
-        params = SamplingParams(**{**_fields(sampling_params or SamplingParams()),
-                                   "output_kind": RequestOutputKind.DELTA})
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind=RequestOutputKind.DELTA)
         request_id = uuid.uuid4().hex
         finished = False
         try:

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 
 from dist_infer.config import EngineConfig
@@ -69,7 +69,7 @@ def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_
 
 
 _spawner_lock = threading.Lock()
-_spawner: tuple[int, queue.SimpleQueue] | None = None  # (the pid that owns it, its requests)
+_spawner: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that owns it, its one thread)
 
 
 def _start_process(process) -> None:
@@ -81,24 +81,9 @@ def _start_process(process) -> None:
     global _spawner
     with _spawner_lock:
         if _spawner is None or _spawner[0] != os.getpid():  # none yet, or inherited through a fork
-            requests: queue.SimpleQueue = queue.SimpleQueue()
-            threading.Thread(target=_spawn_loop, args=(requests,), name="dist-infer-spawner", daemon=True).start()
-            _spawner = (os.getpid(), requests)
-        requests = _spawner[1]
-    started: Future = Future()
-    requests.put((process, started))
-    started.result()  # re-raises what start() raised
-
-
-def _spawn_loop(requests: queue.SimpleQueue) -> None:
-    while True:
-        process, started = requests.get()
-        try:
-            process.start()
-        except BaseException as e:
-            started.set_exception(e)
-        else:
-            started.set_result(None)
+            _spawner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="dist-infer-spawner"))
+        spawner = _spawner[1]
+    spawner.submit(process.start).result()  # re-raises what start() raised
 
 
 class ProcessWorker(WorkerHandle):

@@ -85,8 +85,8 @@ class NativeBuildError(RuntimeError):
     """The C compiler exists but could not build (or the result could not be loaded)."""
 
 
-# (compiler, source) -> why the kernel is unavailable: each reason is warned about and tried once per process
-_failures: dict[tuple[str, Path], str] = {}
+# (compiler, source) pairs that failed: each is warned about and tried once per process
+_failures: set[tuple[str, Path]] = set()
 
 
 def build_paged_decode(source: Path | None = None) -> ctypes.CDLL:
@@ -115,7 +115,7 @@ def paged_decode_kernel():
     try:
         return build_paged_decode(_SOURCE)
     except (FileNotFoundError, NativeBuildError) as e:
-        _failures[key] = str(e)
+        _failures.add(key)
         logger.warning("native paged attention unavailable, using the PyTorch path: %s", e)
         return None
 

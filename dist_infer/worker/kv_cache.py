@@ -56,9 +56,11 @@ class KVCacheStore:
     def prepare_blocks(self, block_ids: list[int], fresh_from: int = 0) -> None:
         """Blocks a request was just given: ``block_ids[fresh_from:]`` are about to be written (the ones before
         are prefix-cache hits) and, with an int8 cache, start with scales of 0 (a block's scale only grows as
-        tokens are written into it). Nothing to do for other caches."""
+        tokens are written into it). Nothing to do for other caches, which every step passes through here."""
+        if not self.int8:
+            return
         fresh = block_ids[fresh_from:]
-        if self.int8 and fresh:
+        if fresh:
             index = torch.tensor(fresh, dtype=torch.long, device=self.device)
             for scales in self.scales:
                 scales.index_fill_(1, index, 0.0)

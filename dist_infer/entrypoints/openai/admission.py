@@ -24,18 +24,14 @@ from dist_infer.entrypoints.openai.errors import OpenAIError
 
 class Admission:
     def __init__(self, limit: int | None, engine_waiting: Callable[[], int]):
-        if limit is not None and limit < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {limit}; omit it for no limit")
+        """``limit``: ``max_waiting`` (>= 1, checked by ``ServerSettings``), or None for no limit."""
         self.limit, self.engine_waiting = limit, engine_waiting
         self.reserved = 0
-
-    def waiting(self) -> int:
-        return max(self.reserved, self.engine_waiting()) if self.limit is not None else self.reserved
 
     def reserve(self, count: int) -> Reservation:
         """Admits ``count`` sequences or raises a 429; the caller releases them through the reservation."""
         if self.limit is not None:
-            waiting = self.waiting()
+            waiting = max(self.reserved, self.engine_waiting())
             if waiting and waiting + count > self.limit:
                 what = (f"this request's {count} sequences (prompts x n) exceed the limit of {self.limit}; it is "
                         f"admitted only when nothing waits" if count > self.limit else

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine
@@ -46,11 +47,12 @@ class _Choice:
 
 
 class EventStream:
-    """A response's SSE pieces. ``aclose()`` ends it, aborting its engine requests, and releases its admission
-    even if it was never iterated (a client that leaves before the first piece)."""
+    """A response's SSE pieces. ``aclose()`` ends them, which aborts their engine requests, then runs ``finish``
+    (the admission released, the outputs noted), even if they were never iterated (a client that left before
+    the first piece): the server calls it however the response ends."""
 
-    def __init__(self, pieces: AsyncIterator[str], reservation: Reservation):
-        self._pieces, self._reservation = pieces, reservation
+    def __init__(self, pieces: AsyncIterator[str], finish: Callable[[], None]):
+        self._pieces, self._finish = pieces, finish
 
     def __aiter__(self):
         return self._pieces.__aiter__()
@@ -59,7 +61,7 @@ class EventStream:
         try:
             await self._pieces.aclose()
         finally:
-            self._reservation.release_all()
+            self._finish()
 
 
 class OpenAIServing:
@@ -162,8 +164,12 @@ class OpenAIServing:
                 async for choice, out in events:
                     self._absorb(choice, out)
         finally:
-            reservation.release_all()
-            self._note_outputs(record, choices)
+            self._finish(choices, reservation, record)
+
+    def _finish(self, choices: list[_Choice], reservation: Reservation, record) -> None:
+        """A response has ended (answered, failed, or its client left): its admission released, outputs noted."""
+        reservation.release_all()
+        self._note_outputs(record, choices)
 
     @staticmethod
     def _note_prompts(record, choices: list[_Choice], n: int, texts) -> None:
@@ -244,16 +250,7 @@ class OpenAIServing:
                             "model": self.model_name, "choices": [], "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return EventStream(self._noted_stream(pieces(), record, choices), reservation)
-
-    async def _noted_stream(self, pieces, record, choices):
-        """``pieces``, closed as soon as the client leaves (not when collected), then the outputs noted."""
-        try:
-            async with contextlib.aclosing(pieces) as inner:
-                async for piece in inner:
-                    yield piece
-        finally:
-            self._note_outputs(record, choices)
+        return EventStream(pieces(), functools.partial(self._finish, choices, reservation, record))
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, record=None):
@@ -301,7 +298,7 @@ class OpenAIServing:
                             "usage": self._usage(choices, req.n)})
             yield "data: [DONE]\n\n"
 
-        return EventStream(self._noted_stream(pieces(), record, choices), reservation)
+        return EventStream(pieces(), functools.partial(self._finish, choices, reservation, record))
 
 
 def _completion_prompts(prompt) -> list[dict]:
