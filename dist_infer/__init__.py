@@ -19,6 +19,7 @@ _EXPORTS = {
     "get_handle": "dist_infer.entrypoints.ray_service",
     "RequestOutputKind": "dist_infer.sampling_params",
     "RequestOutput": "dist_infer.outputs",
+    "RequestFailedError": "dist_infer.outputs",
     "CompletionOutput": "dist_infer.outputs",
     "Logprob": "dist_infer.outputs",
 }

@@ -11,6 +11,10 @@
     server:             # optional, for `dist-infer serve`
       port: 8000
       max_waiting: 512
+    autoscaling:        # optional: Ray Serve's autoscaling_config names and meanings (engine/autoscaling.py)
+      min_replicas: 1
+      max_replicas: 4
+      target_ongoing_requests: 4
 
 Unknown keys, impossible layouts and bad values are errors naming the key and the file.
 """
@@ -18,17 +22,19 @@ Unknown keys, impossible layouts and bad values are errors naming the key and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field, fields
 
 import yaml
 
 from dist_infer.engine.arg_utils import EngineArgs
+from dist_infer.engine.autoscaling import AutoscalingConfig
 
 _CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
 _SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
                 "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool,
                 "max_prompts_per_request": int, "request_timeout": float, "timeout_keep_alive": float,
-                "max_connections": int}
+                "max_connections": int, "shutdown_timeout": float}
 
 
 @dataclass
@@ -37,6 +43,7 @@ class ClusterConfig:
     cluster: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     server: dict = field(default_factory=dict)
+    autoscaling: AutoscalingConfig | None = None  # None: no autoscaling section
 
 
 def load_cluster_config(path: str) -> ClusterConfig:
@@ -48,11 +55,14 @@ def load_cluster_config(path: str) -> ClusterConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping with cluster / engine / server sections")
-    unknown = sorted(set(data) - {"cluster", "engine", "server"})
+        raise ValueError(f"{path}: the top level must be a mapping with cluster / engine / server / autoscaling "
+                         f"sections")
+    unknown = sorted(set(data) - {"cluster", "engine", "server", "autoscaling"})
     if unknown:
-        raise ValueError(f"{path}: unknown section {unknown[0]!r} (expected cluster, engine, server)")
+        raise ValueError(f"{path}: unknown section {unknown[0]!r} (expected cluster, engine, server, autoscaling)")
     config = ClusterConfig(path, *(_section(data, name, path) for name in ("cluster", "engine", "server")))
+    if "autoscaling" in data:
+        config.autoscaling = AutoscalingConfig.from_dict(data["autoscaling"], f"{path}: autoscaling")
     _check_types(config.cluster, _CLUSTER_KEYS, "cluster", path)
     _check_types(config.server, _SERVER_KEYS, "server", path)
     engine_keys = {f.name for f in fields(EngineArgs)} - {"config_file"}
@@ -64,9 +74,15 @@ def load_cluster_config(path: str) -> ClusterConfig:
 
 
 def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
-    """The engine arguments of a command line: the ``--config`` file's engine section, then the flags given."""
+    """The engine arguments of a command line: the ``--config`` file's engine and autoscaling sections, then the
+    flags given."""
     config_file = getattr(args, "config_file", None)
-    base = dict(load_cluster_config(config_file).engine, config_file=config_file) if config_file else None
+    base = None
+    if config_file:
+        config = load_cluster_config(config_file)
+        base = dict(config.engine, config_file=config_file)
+        if config.autoscaling is not None:  # the policy's fields are engine arguments of the same names
+            base.update(dataclasses.asdict(config.autoscaling))
     return EngineArgs.from_cli_args(args, base)
 
 

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dist_infer.replica_config import ReplicaConfig
+
 if TYPE_CHECKING:  # torch stays out of the scheduler's imports, which share this module
     import torch
 
@@ -314,10 +316,17 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    replica_config: ReplicaConfig = field(default_factory=ReplicaConfig)
 
     def __post_init__(self) -> None:
         """Checks the parallel layout against the model before any worker starts."""
         model, parallel = self.model_config, self.parallel_config
+        autoscaling = self.replica_config.autoscaling
+        if autoscaling.max_replicas > 1 and parallel.distributed_executor_backend not in ("mp", "ray") and (
+                autoscaling.max_replicas != autoscaling.min_replicas):
+            raise ValueError(
+                f"autoscaling (max_replicas={autoscaling.max_replicas}) needs replicas that start and stop on their "
+                f"own: distributed_executor_backend 'mp' or 'ray', not {parallel.distributed_executor_backend!r}")
         tp = parallel.tensor_parallel_size
         intermediate = model.hf_config.intermediate_size
         valid = valid_tensor_parallel_sizes(model.num_heads, model.num_kv_heads, intermediate)

@@ -24,7 +24,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None  # one dict per generated token
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -40,3 +40,13 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    error: str | None = None  # why the engine could not finish it (finish_reason "error")
+
+
+class RequestFailedError(RuntimeError):
+    """The engine accepted the request but could not finish it: it outlived its replicas' failures
+    (``migration_limit``) or waited longer than ``no_replica_timeout_s`` for a replica. Worth retrying later."""
+
+    def __init__(self, request_id: str, reason: str):
+        super().__init__(reason)
+        self.request_id = request_id

@@ -119,3 +119,12 @@ def arm_step_failure(worker, after_steps: int) -> None:
         return original(scheduler_output)
 
     worker.execute_model = failing
+
+
+def hang_in_step(worker) -> None:
+    """Runs inside a worker (via collective_rpc): its next step never returns (it sleeps), as a worker stuck in
+    a collective or a driver call would; only being killed ends it."""
+    def hung(scheduler_output):
+        time.sleep(3600)
+
+    worker.execute_model = hung

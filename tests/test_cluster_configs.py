@@ -10,6 +10,7 @@ import pytest
 
 from dist_infer.cluster_config import engine_args_from_cli, load_cluster_config
 from dist_infer.engine.arg_utils import EngineArgs
+from dist_infer.engine.autoscaling import AutoscalingConfig
 from dist_infer.entrypoints.cli import build_parser
 
 CONFIGS = Path(__file__).resolve().parent.parent / "cluster_configs"
@@ -30,6 +31,14 @@ def test_the_four_layouts_are_shipped():
     assert layouts["local-cpu.yaml"]["distributed_executor_backend"] == "mp"
 
 
+def test_autoscaling_section_loads():
+    config = load_cluster_config(str(CONFIGS / "autoscaling.yaml"))
+    assert config.autoscaling == AutoscalingConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=4,
+                                                   upscale_delay_s=5, downscale_delay_s=30)
+    assert config.autoscaling.enabled and config.autoscaling.initial_replicas == 1
+    assert load_cluster_config(str(CONFIGS / "local-cpu.yaml")).autoscaling is None
+
+
 def _write(tmp_path, text: str) -> str:
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -47,6 +56,12 @@ def _write(tmp_path, text: str) -> str:
     ("cluster:\n  nodes: many\n", "cluster.nodes must be int"),
     ("server:\n  port: -1\n", "server.port must not be negative"),
     ("- just\n- a list\n", "the top level must be a mapping"),
+    ("autoscaling:\n  max_replica: 3\n", "autoscaling: unknown key 'max_replica'"),
+    ("autoscaling:\n  min_replicas: 3\n  max_replicas: 2\n",
+     "autoscaling: max_replicas \\(2\\) must be >= min_replicas"),
+    ("autoscaling:\n  min_replicas: 0\n  max_replicas: 2\n", "autoscaling: min_replicas must be >= 1"),
+    ("autoscaling:\n  upscale_delay_s: soon\n", "autoscaling: upscale_delay_s must be a number"),
+    ("autoscaling: 3\n", "autoscaling: must be a mapping"),
     ("engine: [\n", "not valid YAML"),
 ])
 def test_bad_configs_name_the_key_and_file(tmp_path, text, message):

@@ -90,13 +90,13 @@ def test_a_slow_load_under_a_short_step_timeout_is_not_a_hang():
         def call(self, method, args=(), kwargs=None):
             return Future()  # never answers
 
-        def shutdown(self):
+        def shutdown(self, graceful=True):
             pass
 
     def executor(step_s: float, load_s: float) -> DistributedExecutor:
         ex = DistributedExecutor.__new__(DistributedExecutor)
         ex.config = SimpleNamespace(parallel_config=ParallelConfig(worker_timeout_s=step_s, worker_load_timeout_s=load_s))
-        ex.handles = [Handle(0, (0, 0, 0))]
+        ex.handles, ex.ranks = {0: Handle(0, (0, 0, 0))}, [0]
         return ex
 
     def slow_load(seconds: float) -> Future:

@@ -64,7 +64,7 @@ def test_ray_leaves_no_actor_or_placement_group(checkpoints, ray_session):
     with LLM(model=path, skip_tokenizer_init=True, kv_cache_memory=1 << 22, distributed_executor_backend="ray",
              tensor_parallel_size=2) as llm:
         pids = [r["pid"] for r in llm.engine.executor.collective_rpc("memory_report")]
-        groups = [pg.id.hex() for pg in llm.engine.executor.placement_groups]
+        groups = [pg.id.hex() for pg in llm.engine.executor.executor_of(0).placement_groups]
         assert len(set(pids)) == 2 and os.getpid() not in pids
     table = ray.util.placement_group_table()
     assert all(table[g]["state"] == "REMOVED" for g in groups)

@@ -112,7 +112,7 @@ def test_smollm2_matches_hf(default_model_path):
     # Last-position logits of the prompts themselves, from the model the engine loaded.
     from model_forward import forward_logits
 
-    model = llm.engine.executor.worker.runner.model
+    model = llm.engine.executor.executor_of(0).worker.runner.model
     for prompt in prompts:
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].float()

@@ -122,8 +122,8 @@ def _expected_distribution(temperature, top_k=0, top_p=1.0, min_p=0.0):
 
 def _sample_rows(settings_per_row, seeded_rows=()):
     """One sampler step over a batch whose row i uses ``settings_per_row[i]``, built as the worker builds it."""
-    states = [CachedRequestState(str(i), [], SamplingParams(max_tokens=1, **kw), [], 0,
-                                 torch.Generator().manual_seed(i) if i in seeded_rows else None)
+    states = [CachedRequestState(str(i), [], SamplingParams(max_tokens=1, seed=i if i in seeded_rows else None, **kw),
+                                 [], 0)
               for i, kw in enumerate(settings_per_row)]
     batch = build_sampling_batch(states, len(_LOGITS), torch.device("cpu"))
     return Sampler()(_LOGITS.expand(len(states), -1).contiguous(), batch).token_ids
@@ -147,7 +147,7 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(settings)
 
 def test_each_row_of_a_mixed_batch_uses_its_own_settings():
     """All the settings interleaved in one batch (so every filter tensor is present and per row), a third of the
-    rows drawing their noise from a seeded generator of their own: each setting's rows follow its distribution."""
+    rows drawing their noise from a generator seeded by their own seed and position: each setting's rows follow its distribution."""
     torch.manual_seed(1)
     n = 12000
     rows = [_SETTINGS[i % len(_SETTINGS)] for i in range(n * len(_SETTINGS))]

@@ -225,7 +225,9 @@ def test_metrics_parse_and_move(server):
 def test_ready_turns_503_when_a_worker_dies(tiny_llama_with_tokenizer):
     """Also: the streams the death ends each log one line, the shared error's traceback once (it used to be
     logged per stream, longer each time: quadratic log volume)."""
-    server = ServerProcess("--model", tiny_llama_with_tokenizer, "--pp", "2", "--kv-cache-memory", str(1 << 22))
+    # The only replica fails; its rebuild waits out a long backoff, and its requests may wait for a replica 1 s.
+    server = ServerProcess("--model", tiny_llama_with_tokenizer, "--pp", "2", "--kv-cache-memory", str(1 << 22),
+                           "--replica-restart-backoff", "600", "--no-replica-timeout", "1")
     try:
         ready = httpx.get(server.base_url + "/ready", timeout=120)
         assert ready.status_code == 200, ready.text
@@ -249,10 +251,11 @@ def test_ready_turns_503_when_a_worker_dies(tiny_llama_with_tokenizer):
                 return await asyncio.gather(*tasks)
 
         lasts = asyncio.run(streams(8))
-        assert all('"server_error"' in last for last in lasts), lasts
+        assert all('"replica_failure"' in last for last in lasts), lasts
         response = httpx.get(server.base_url + "/ready", timeout=120)
         assert response.status_code == 503
-        assert "worker rank" in response.json()["error"]
+        assert response.json()["error"] == "no replica is serving (replicas: 0: failed)"
+        assert httpx.get(server.base_url + "/health", timeout=60).status_code == 200  # it can still recover
         assert "dist_infer_stage_idle_ratio" in metrics
         log = server.output()
         assert log.count(" failed") >= 8 and log.count("Traceback (most recent call last)") <= 2, log[-4000:]

@@ -48,6 +48,6 @@ def test_dtype_auto_takes_the_checkpoints(config, tmp_path, dtype, expected):
     path = save_tiny_model(config, tmp_path / "fp32")
     AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tokens, llm = _greedy(str(tmp_path / "bf16"), dtype=dtype)
-    model = llm.engine.executor.worker.runner.model
+    model = llm.engine.executor.executor_of(0).worker.runner.model
     assert {p.dtype for p in model.parameters()} == {expected}
     assert all(len(t) == 16 for t in tokens)

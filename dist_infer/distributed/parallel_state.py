@@ -99,38 +99,49 @@ def device_backend(device: torch.device) -> str:
 
 
 def init_distributed(layout: RankLayout, rank: int, init_method: str, device: torch.device,
-                     timeout_s: float = 600.0) -> None:
-    """Joins the world and builds every named group. All ranks must call it (``new_group`` is collective).
+                     timeout_s: float = 600.0, world_ranks: list[int] | None = None) -> None:
+    """Joins the world and builds every named group. All ranks of the world must call it (``new_group`` is
+    collective).
+
+    ``world_ranks``: the (global) ranks that share this torch world, by default all of them (torchrun). The
+    local and Ray executors give each data-parallel replica a world of its own (its tp x pp ranks), so a
+    replica whose worker dies is rebuilt with a new world while the others run on untouched; their dp groups
+    are then this rank alone (dense replicas never talk to each other). Within a world, torch numbers the
+    ranks by their place in ``world_ranks``; every group's ``ranks`` are those torch ranks.
 
     ``init_method`` is ``tcp://host:port`` (the same TCP store under Ray, local processes and torchrun) or
     ``env://`` (torchrun's MASTER_ADDR / MASTER_PORT).
     """
     import torch.distributed as dist
 
+    members = list(range(layout.world_size)) if world_ranks is None else list(world_ranks)
+    local = {g: i for i, g in enumerate(members)}  # global rank -> torch rank in this world
     backend = device_backend(device)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         pin_gloo_interface(init_method)  # every layout has gloo groups (the CPU side groups at least)
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
+        dist.init_process_group(backend, init_method=init_method, world_size=len(members), rank=local[rank],
                                 timeout=timeout, **kwargs)
     dp_rank, pp_rank, tp_rank = layout.coords(rank)
-    world_cpu = dist.new_group(list(range(layout.world_size)), backend="gloo", timeout=timeout)
-    _GROUPS["world"] = ParallelGroup("world", list(range(layout.world_size)), rank, dist.group.WORLD, world_cpu)
+    world_cpu = dist.new_group(list(range(len(members))), backend="gloo", timeout=timeout)
+    _GROUPS["world"] = ParallelGroup("world", list(range(len(members))), local[rank], dist.group.WORLD, world_cpu)
+    replicas = sorted({layout.coords(r)[0] for r in members})
     families = {
-        "tp": [layout.tp_ranks(d, p) for d in range(layout.dp) for p in range(layout.pp)],
-        "pp": [layout.pp_ranks(d, t) for d in range(layout.dp) for t in range(layout.tp)],
-        "dp": [layout.dp_ranks(p, t) for p in range(layout.pp) for t in range(layout.tp)],
+        "tp": [layout.tp_ranks(d, p) for d in replicas for p in range(layout.pp)],
+        "pp": [layout.pp_ranks(d, t) for d in replicas for t in range(layout.tp)],
+        "dp": [[r for r in members if layout.coords(r)[1:] == (p, t)] for p in range(layout.pp) for t in range(layout.tp)],
     }
     for name, groups in families.items():
         for ranks in groups:
+            ranks = [local[r] for r in ranks]
             # Every rank creates every group, in the same order, as new_group requires.
             device_group = dist.new_group(ranks, backend=backend, timeout=timeout)
             cpu_group = device_group if backend == "gloo" else dist.new_group(ranks, backend="gloo", timeout=timeout)
-            if rank in ranks:
-                _GROUPS[name] = ParallelGroup(name, ranks, ranks.index(rank), device_group, cpu_group)
-    assert (get_tp_group().rank_in_group, get_pp_group().rank_in_group, get_dp_group().rank_in_group) == \
-        (tp_rank, pp_rank, dp_rank)
+            if local[rank] in ranks:
+                _GROUPS[name] = ParallelGroup(name, ranks, ranks.index(local[rank]), device_group, cpu_group)
+    assert (get_tp_group().rank_in_group, get_pp_group().rank_in_group) == (tp_rank, pp_rank)
+    assert get_dp_group().rank_in_group == (dp_rank if world_ranks is None else 0)
 
 
 def destroy_distributed() -> None:

@@ -7,7 +7,9 @@ import functools
 from dataclasses import dataclass, fields
 
 from dist_infer.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from dist_infer.engine.autoscaling import AutoscalingConfig
 from dist_infer.model_loader.resolve import resolve_model_path
+from dist_infer.replica_config import ReplicaConfig
 
 
 @dataclass
@@ -40,6 +42,22 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int | None = None
+    max_replica_restarts: int = 3
+    replica_restart_backoff_s: float = 1.0
+    migration_limit: int = 3
+    no_replica_timeout_s: float = 120.0
+    drain_timeout_s: float = 60.0
+    # Autoscaling under Ray Serve's names (see AutoscalingConfig); None: not given.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    initial_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+    look_back_period_s: float | None = None
+    metrics_interval_s: float | None = None
+    upscaling_factor: float | None = None
+    downscaling_factor: float | None = None
     config_file: str | None = None  # where these values came from, for error messages
 
     @classmethod
@@ -59,7 +77,12 @@ class EngineArgs:
             raise ValueError(f"{self.config_file} (engine section, or a flag overriding it): {e}") from None
 
     def _create_engine_config(self) -> EngineConfig:
-        parallel = ParallelConfig(**self._fields_of(ParallelConfig))
+        autoscaling = self._autoscaling()
+        backend = self.distributed_executor_backend
+        if backend is None and autoscaling.max_replicas > 1:
+            backend = "mp"  # replicas that come and go need workers of their own, even when one would do today
+        parallel = ParallelConfig(**{**self._fields_of(ParallelConfig), "distributed_executor_backend": backend,
+                                     "data_parallel_size": autoscaling.initial_replicas})
         # The one place the model a user names (None: the default model; a .gguf file) becomes a folder,
         # converting it if need be. int4 with groups of 32 is what llama.cpp's Q4_0 / Q4_1 store: such GGUF
         # files load without a fp32 detour.
@@ -68,11 +91,29 @@ class EngineArgs:
         model = ModelConfig(**{**self._fields_of(ModelConfig), "model": folder})
         cache = CacheConfig(**self._fields_of(CacheConfig))
         scheduler = SchedulerConfig(**self._fields_of(SchedulerConfig))
-        return EngineConfig(model, cache, scheduler, parallel)
+        replicas = ReplicaConfig(**{**self._fields_of(ReplicaConfig), "autoscaling": autoscaling})
+        return EngineConfig(model, cache, scheduler, parallel, replicas)
+
+    def _autoscaling(self) -> AutoscalingConfig:
+        """The policy given (any of its fields set), else a fixed count of ``data_parallel_size`` replicas.
+        With a policy, the engine starts with ``initial_replicas`` and ``data_parallel_size`` must agree."""
+        given = {f.name: getattr(self, f.name) for f in fields(AutoscalingConfig)
+                 if hasattr(self, f.name) and getattr(self, f.name) is not None}
+        dp = self.data_parallel_size
+        if not given:
+            if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+                raise ValueError(f"data_parallel_size must be a positive int, got {dp!r}")
+            return AutoscalingConfig(min_replicas=dp, max_replicas=dp)
+        autoscaling = AutoscalingConfig(**given)
+        if dp != 1 and dp != autoscaling.initial_replicas:
+            raise ValueError(
+                f"data_parallel_size={dp} disagrees with the autoscaling policy, which starts with "
+                f"{autoscaling.initial_replicas} replica(s); give initial_replicas instead of data_parallel_size")
+        return autoscaling
 
     def _fields_of(self, config_cls) -> dict:
-        """This object's values for the fields ``config_cls`` takes, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(config_cls) if f.init}
+        """This object's values for the fields ``config_cls`` takes, by name (the ones this class has)."""
+        return {f.name: getattr(self, f.name) for f in fields(config_cls) if f.init and hasattr(self, f.name)}
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +153,32 @@ class EngineArgs:
         add("--max-num-seqs", type=int, help="default 256")
         add("--max-num-batched-tokens", type=int, help="default 2048")
         add("--long-prefill-token-threshold", type=int, help="default: half of --max-num-batched-tokens")
+        r = parser.add_argument_group("replicas: failures and scaling (mp and ray backends)")
+        add = functools.partial(r.add_argument, default=argparse.SUPPRESS)
+        add("--max-replica-restarts", type=int,
+            help="attempts to rebuild a failed replica before giving it up (default 3; 0: never rebuild)")
+        add("--replica-restart-backoff", dest="replica_restart_backoff_s", type=float,
+            help="seconds before the first rebuild attempt, doubled for each next one (default 1)")
+        add("--migration-limit", type=int,
+            help="times one request may move to another replica after failures (default 3)")
+        add("--no-replica-timeout", dest="no_replica_timeout_s", type=float,
+            help="seconds a request may wait while no replica can serve it (default 120)")
+        add("--drain-timeout", dest="drain_timeout_s", type=float,
+            help="seconds a replica leaving on scale-down finishes its requests before moving them (default 60)")
+        add("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
+        add("--max-replicas", type=int, help="autoscaling: most replicas (default: --min-replicas)")
+        add("--initial-replicas", type=int, help="autoscaling: replicas at start (default: --min-replicas)")
+        add("--target-ongoing-requests", type=float,
+            help="autoscaling: running + queued requests per replica to aim for (default 2)")
+        add("--upscale-delay", dest="upscale_delay_s", type=float,
+            help="autoscaling: seconds a need for more replicas must last before adding (default 30)")
+        add("--downscale-delay", dest="downscale_delay_s", type=float,
+            help="autoscaling: seconds a need for fewer replicas must last before removing (default 600)")
+        add("--look-back-period", dest="look_back_period_s", type=float,
+            help="autoscaling: seconds over which the load is averaged (default 30)")
+        add("--upscaling-factor", type=float, help="autoscaling: how far each upscale goes toward the need (default 1)")
+        add("--downscaling-factor", type=float,
+            help="autoscaling: how far each downscale goes toward the need (default 1)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, base: dict | None = None) -> EngineArgs:

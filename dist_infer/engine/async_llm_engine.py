@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from dist_infer.config import EngineConfig
 from dist_infer.engine.arg_utils import EngineArgs
 from dist_infer.engine.llm_engine import LLMEngine
-from dist_infer.outputs import RequestOutput
+from dist_infer.outputs import RequestFailedError, RequestOutput
 from dist_infer.sampling_params import SamplingParams
 
-_CANARY_PRIORITY = -(2**31)  # readiness probes jump the queue: a busy server is not an unready one
+_CANARY_PRIORITY = -(2**31)
+_TICK_S = 0.5  # an idle engine with replicas to build, drain or autoscale steps this often  # readiness probes jump the queue: a busy server is not an unready one
 
 
 class EngineDeadError(RuntimeError):
@@ -73,6 +74,7 @@ class AsyncLLMEngine:
         # Requests handed to the engine thread, and of those the ones it has applied (one writer each).
         self._adds_submitted = 0
         self._adds_applied = 0
+        self.engine.wakeup = self._wakeup.set  # a replica rebuilt or given up: step again
         self._thread = threading.Thread(target=self._loop, name="dist-infer-engine", daemon=True)
         self._thread.start()
 
@@ -96,12 +98,13 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         """Requests accepted but not yet running (an estimate read from outside the engine thread)."""
         pending = self._adds_submitted - self._adds_applied
-        return pending + sum(len(core.scheduler.waiting) for core in self.engine.cores)
+        return pending + sum(len(core.scheduler.waiting) for core in self.engine.cores) + len(self.engine.replicas.orphans)
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        priority: int = 0, replica: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as they are produced (cumulative, delta or final only, as its
-        ``output_kind`` says); the last one has ``finished=True``. A malformed request raises here."""
+        ``output_kind`` says); the last one has ``finished=True``. A malformed request raises here; one the
+        engine could not finish (replica failures) raises ``RequestFailedError``."""
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
@@ -123,6 +126,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(request_id, item.error)
                 yield item
         finally:
             if not finished:  # the caller went away first
@@ -140,26 +145,53 @@ class AsyncLLMEngine:
         if self.is_running:
             self._submit(_Command(run))
 
-    async def replica_stats(self) -> list:
-        """Scheduler statistics of each data-parallel replica, in replica order."""
-        return await self._call(lambda: [core.scheduler.get_stats() for core in self.engine.cores])
+    async def replica_stats(self) -> list[dict]:
+        """Per replica, in index order: ``index``, ``state``, ``stats`` (its scheduler's, None while it has no
+        core) and ``events`` (failures, migrations, rebuilds)."""
+        def read() -> list[dict]:
+            return [{"index": r.index, "state": r.state.value, "events": r.events,
+                     "stats": r.core.scheduler.get_stats() if r.core is not None else None}
+                    for r in sorted(self.engine.replicas.replicas.values(), key=lambda r: r.index)]
+
+        return await self._call(read)
 
     async def worker_timings(self) -> list[dict]:
-        """Each worker's compute / wait / uptime seconds (see Worker.timing)."""
+        """Each running worker's compute / wait / uptime seconds (see Worker.timing)."""
         return await self._call(lambda: self.engine.executor.collective_rpc("timing"))
 
-    async def check_ready(self, timeout: float) -> None:
-        """Raises unless every worker answers and a one-token request goes through every stage of every
-        replica within ``timeout`` seconds; the error names what failed."""
-        await asyncio.wait_for(self._call(lambda: self.engine.executor.collective_rpc("ping")), timeout)
-        params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
+    def replica_states(self) -> dict[int, str]:
+        """Each replica's state (read from outside the engine thread: a snapshot)."""
+        return dict(self.engine.replicas.states())
 
+    async def set_num_replicas(self, count: int) -> dict[int, str]:
+        """Runs ``count`` replicas from now on (see ``LLMEngine.set_num_replicas``); the states after the change."""
+        def run() -> dict[int, str]:
+            self.engine.set_num_replicas(count)
+            return self.engine.replica_states()
+
+        return await self._call(run)
+
+    async def check_ready(self, timeout: float) -> dict:
+        """Every serving replica's workers answer and a one-token request goes through each of its stages
+        within ``timeout`` seconds. Returns ``{"status": "ready" | "degraded", "replicas": {index: state}}``
+        ("degraded": some replica is failed, rebuilding or starting while others serve); raises, naming what
+        failed, when no replica can serve."""
         async def canary(replica: int) -> None:
+            params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
             async for _ in self.generate({"prompt_token_ids": [0]}, params, f"ready-{uuid.uuid4().hex}",
                                          priority=_CANARY_PRIORITY, replica=replica):
                 pass
 
-        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in range(len(self.engine.cores)))), timeout)
+        states = self.replica_states()
+        serving = [d for d, state in states.items() if state == "serving"]
+        if not serving:
+            raise RuntimeError(f"no replica is serving (replicas: {_describe(states)})")
+        await asyncio.wait_for(self._call(lambda: self.engine.executor.collective_rpc(
+            "ping", ranks=[r for d in serving for r in self.engine.executor.layout.replica_ranks(d)])), timeout)
+        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in serving)), timeout)
+        states = self.replica_states()
+        degraded = any(state not in ("serving", "stopped") for state in states.values())
+        return {"status": "degraded" if degraded else "ready", "replicas": states}
 
     def get_stats(self):
         return self.engine.get_stats()
@@ -205,9 +237,11 @@ class AsyncLLMEngine:
             while not self._stopping:
                 self._run_commands()
                 if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait()
+                    ticks = self.engine.needs_ticks()
+                    self._wakeup.wait(_TICK_S if ticks else None)
                     self._wakeup.clear()
-                    continue
+                    if not ticks:
+                        continue
                 for output in self.engine.step():
                     stream = self._streams.get(output.request_id)
                     if stream is None:
@@ -249,6 +283,10 @@ class AsyncLLMEngine:
                     break
         for command in pending:  # commands that will never run now
             command.settle(error=error)
+
+
+def _describe(states: dict[int, str]) -> str:
+    return ", ".join(f"{d}: {state}" for d, state in sorted(states.items())) or "none"
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:

@@ -7,6 +7,7 @@ step k, stage 0 runs step k+1.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -24,6 +25,7 @@ class EngineCore:
                                                config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, config.model_config.max_model_len)
         self.in_flight: deque[tuple[SchedulerOutput, Future]] = deque()
+        self._started: deque[float] = deque()  # when each step in flight was handed to the workers
         # What the executor can carry, capped by the setting.
         self.max_batches_in_flight = min(executor.max_batches_in_flight, config.parallel_config.max_batches_in_flight)
 
@@ -41,12 +43,23 @@ class EngineCore:
             if not scheduled.num_scheduled_tokens:
                 return
             self.in_flight.append((scheduled, self.executor.execute_model(scheduled, self.replica)))
+            self._started.append(time.monotonic())
 
     @property
     def oldest(self) -> Future | None:
         return self.in_flight[0][1] if self.in_flight else None
 
+    @property
+    def oldest_started(self) -> float | None:
+        """When the oldest step in flight started (its age is how long this replica has been silent)."""
+        return self._started[0] if self._started else None
+
     def finish_oldest(self) -> list[EngineCoreOutput]:
         """Applies the oldest step's result (it must be done); raises the worker's error if it failed."""
         scheduled, future = self.in_flight.popleft()
+        self._started.popleft()
         return self.scheduler.update_from_output(scheduled, future.result())
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and not self.scheduler.num_unfinished

@@ -1,27 +1,33 @@
 """The synchronous engine: requests in, one ``step()`` at a time, outputs out.
 
-It owns the tokenizer side (input checks, detokenized outputs) and one engine core per data-parallel
-replica; a router sends each request to a replica and the outputs of all replicas merge into one stream.
+It owns the tokenizer side (input checks, detokenized outputs) and the data-parallel replicas
+(``ReplicaManager``: one engine core per replica, routing, failures, migration, rebuilds, scaling); the
+outputs of all replicas merge into one stream.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from dist_infer.config import EngineConfig
 from dist_infer.engine.arg_utils import EngineArgs
-from dist_infer.engine.dp_router import DataParallelRouter
-from dist_infer.engine.engine_core import EngineCore
 from dist_infer.engine.input_processor import InputProcessor
 from dist_infer.engine.output_processor import OutputProcessor
+from dist_infer.engine.replica_manager import ReplicaManager
 from dist_infer.engine.request import Request, RequestStatus
 from dist_infer.engine.stats import SchedulerStats
 from dist_infer.engine.tokenizer import eos_token_ids, load_tokenizer
-from dist_infer.executor.factory import create_executor
+from dist_infer.executor.factory import ExecutorGroup
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import SamplingParams
+
+
+def _close(executors: ExecutorGroup, holder: list) -> None:
+    for manager in holder:
+        manager.close()
+    executors.shutdown()
 
 
 class LLMEngine:
@@ -32,20 +38,34 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(model_config, self.tokenizer)
         self.input_processor = InputProcessor(model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.executor = create_executor(config)
+        self.executor = ExecutorGroup(config)
+        self._managers: list[ReplicaManager] = []
         # Workers are stopped when the engine is shut down, collected, or the interpreter exits.
-        self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        self._finalizer = weakref.finalize(self, _close, self.executor, self._managers)
+        self.wakeup = lambda: None  # called (from another thread) when a replica was built or given up
         try:
+            self._build_replicas(config.parallel_config.data_parallel_size)
             num_blocks = self._size_kv_cache()
         except BaseException:
             self.shutdown()
             raise
-        replicas = config.parallel_config.data_parallel_size
-        self.cores = [EngineCore(config, num_blocks, d, self.executor) for d in range(replicas)]
-        self.router = DataParallelRouter(replicas, config.cache_config.block_size)
-        self._owner: dict[str, EngineCore] = {}
-        self._failure: BaseException | None = None  # a step that failed leaves the engine unusable
+        ref = weakref.ref(self)
+        self.replicas = ReplicaManager(config, self.executor, num_blocks,
+                                       on_change=lambda: (e := ref()) is not None and e.wakeup())
+        self._managers.append(self.replicas)
+        self._failure: BaseException | None = None  # the engine can no longer serve
         self._ids = itertools.count()
+
+    def _build_replicas(self, count: int) -> None:
+        """Starts every replica's workers: local processes in parallel, Ray replicas one after the other (each
+        placement sees where the earlier replicas' workers went)."""
+        if not self.executor.isolated or count == 1 or self.config.parallel_config.distributed_executor_backend == "ray":
+            for d in range(count):
+                self.executor.build(d)
+            return
+        with ThreadPoolExecutor(count) as pool:
+            for future in [pool.submit(self.executor.build, d) for d in range(count)]:
+                future.result()
 
     def _size_kv_cache(self) -> int:
         model_config, block_size = self.config.model_config, self.config.cache_config.block_size
@@ -63,32 +83,32 @@ class LLMEngine:
     def from_engine_args(cls, **kwargs) -> LLMEngine:
         return cls(EngineArgs.from_kwargs(**kwargs).create_engine_config())
 
+    @property
+    def cores(self):
+        """The engine cores of the replicas that run steps now (serving or draining)."""
+        return self.replicas.cores()
+
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, priority: int = 0,
                     replica: int | None = None) -> None:
         """Validates and queues one request; a ValueError (nothing queued) if it is malformed or can never fit.
-        ``replica`` pins it to one data-parallel replica (health checks), bypassing the router."""
+        ``replica`` pins it to one serving data-parallel replica (health checks), bypassing the router."""
         self._check_usable()
         params = params or SamplingParams()
         processed = self.input_processor.process(prompt, params)
-        if request_id in self._owner or any(core.scheduler.is_in_flight(request_id) for core in self.cores):
+        if self.replicas.is_known(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, processed.prompt_token_ids, params, self.eos_token_ids,
                           processed.max_tokens, priority)
-        if replica is None:
-            loads = [core.scheduler.outstanding_work() for core in self.cores]
-            replica = self.router.route(processed.prompt_token_ids, loads)
-        core = self.cores[replica]
         self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
                                           request.arrival_time)
         try:
-            core.scheduler.add_request(request)
+            self.replicas.place(request, replica)
         except BaseException:
             self.output_processor.abort(request_id)
             raise
-        self._owner[request_id] = core
 
     def abort_request(self, request_ids) -> list[RequestOutput]:
         """Stops requests and frees their blocks; returns their final outputs (finish_reason "abort")."""
@@ -99,9 +119,7 @@ class LLMEngine:
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         for request_id in request_ids:
-            core = self._owner.pop(request_id, None)
-            if core is not None:
-                core.scheduler.finish_requests([request_id], status)
+            self.replicas.finish(request_id, status)
 
     def get_stats(self) -> SchedulerStats:
         """Counts and rates right now (running/waiting, KV use, prefix hits, preemptions), summed over replicas."""
@@ -110,52 +128,54 @@ class LLMEngine:
             stats = core.scheduler.get_stats()
             for name, value in vars(stats).items():
                 setattr(total, name, getattr(total, name) + value)
+        total.num_waiting += len(self.replicas.orphans)
         return total
 
     def has_unfinished_requests(self) -> bool:
-        return any(core.scheduler.num_unfinished or core.in_flight for core in self.cores)
+        # A dead engine still has one thing to do: raise from step() so that its callers learn it.
+        return self._failure is not None or self.replicas.dead is not None or self.replicas.has_work()
 
     def get_num_unfinished_requests(self) -> int:
-        return sum(core.scheduler.num_unfinished for core in self.cores)
+        return self.replicas.num_unfinished()
 
     def _check_usable(self) -> None:
         if self._failure is not None:
-            raise RuntimeError(f"the engine stopped after a failed step: {self._failure}") from self._failure
+            raise RuntimeError(f"the engine stopped: {self._failure}") from self._failure
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and start steps on every replica, wait for the first to come back, apply what returned."""
+        """Schedule and start steps on every replica, wait for the first to come back, apply what returned;
+        requests that could not be finished (replica failures) end with an error output."""
         self._check_usable()
         try:
-            core_outputs = self._run_steps()
+            core_outputs = self.replicas.run_steps()
         except BaseException as e:
             self._failure = e  # requests of the failed step can no longer be accounted for
             raise
         outputs, stopped = self.output_processor.process(core_outputs)
         self._finish(stopped, RequestStatus.FINISHED_STOPPED)
-        for output in outputs:
-            if output.finished:
-                self._owner.pop(output.request_id, None)
+        failed, self.replicas.failed_requests = self.replicas.failed_requests, []
+        for request_id, reason in failed:
+            output = self.output_processor.fail(request_id, reason)
+            if output is not None:
+                outputs.append(output)
+        if self.replicas.dead is not None and not self.replicas.has_work():
+            self._failure = self.replicas.dead  # the next step raises it
         return outputs
 
-    def _run_steps(self):
-        for core in self.cores:
-            core.fill_pipeline()
-        core_outputs = []
-        for core in self._wait_for_results():
-            core_outputs += core.finish_oldest()
-        return core_outputs
+    def set_num_replicas(self, count: int) -> None:
+        """Runs ``count`` data-parallel replicas from now on: new ones start in the background, surplus ones
+        drain (they take no new requests, finish what they hold, then stop)."""
+        self._check_usable()
+        self.replicas.set_target(count)
 
-    def _wait_for_results(self) -> list[EngineCore]:
-        """The cores whose oldest step is done, waiting (bounded) until there is at least one."""
-        busy = [core for core in self.cores if core.oldest is not None]
-        if not busy:
-            return []
-        timeout = self.config.parallel_config.worker_timeout_s
-        done, _ = wait([core.oldest for core in busy], timeout=timeout, return_when=FIRST_COMPLETED)
-        if not done:
-            pending = sorted({r for core in busy for r in getattr(core.oldest, "pending_ranks", lambda: [])()})
-            raise TimeoutError(f"no step finished within {timeout:.0f}s; waiting on worker rank(s) {pending}")
-        return [core for core in busy if core.oldest in done]
+    def replica_states(self) -> dict[int, str]:
+        return self.replicas.states()
+
+    def needs_ticks(self) -> bool:
+        """Whether ``step()`` has work even with no request: an autoscaling policy to consult (it scales down
+        an idle engine), replicas being built or drained."""
+        return self.replicas.policy is not None or any(
+            state in ("starting", "failed", "draining") for state in self.replicas.states().values())
 
     def shutdown(self) -> None:
         self._finalizer()

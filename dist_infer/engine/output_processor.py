@@ -58,6 +58,16 @@ class OutputProcessor:
         state.metrics.finished_time = time.monotonic()
         return self._make_output(state, "abort", None, finished=True)
 
+    def fail(self, request_id: str, reason: str) -> RequestOutput | None:
+        """Forgets the request; returns its final output (finish_reason "error", ``error`` saying why)."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        state.metrics.finished_time = time.monotonic()
+        output = self._make_output(state, "error", None, finished=True)
+        output.error = reason
+        return output
+
     def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to hand out and the ids of requests that a stop string ended."""
         results, stopped = [], []

@@ -47,6 +47,15 @@ class Request:
         # How many of ``token_ids`` the workers have been sent.
         self.num_tokens_sent = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.num_migrations = 0  # times it moved to another replica
+
+    def reset_for_migration(self) -> None:
+        """Makes it a new request for another replica, holding every token so far: that replica computes
+        prompt + output again (as after a preemption) and samples the next token where this one stopped."""
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_tokens_sent = 0
+        self.num_migrations += 1
 
     @property
     def sort_key(self) -> tuple[int, float]:

@@ -96,6 +96,16 @@ class Scheduler:
         self.stats.num_preemptions += 1
         self._push_waiting(request)
 
+    def take_all(self) -> list[Request]:
+        """Removes and returns every unfinished request, oldest first, without touching the KV cache (the
+        replica is gone, its cache with it; or its requests move elsewhere and its blocks are freed here)."""
+        requests = sorted(self.requests.values(), key=lambda r: r.sort_key)
+        for request in requests:
+            self.kv.free(request.request_id)
+        self.requests, self.running, self.waiting = {}, [], []
+        self._in_flight.clear()
+        return requests
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--timeout-keep-alive", type=float, help="seconds an idle keep-alive connection stays open (default 5)")
     opt("--max-connections", type=int, help="open connections at most; requests beyond get 503 (default 1024)")
     opt("--ready-timeout", type=float, help="seconds /ready may take (default 30)")
+    opt("--shutdown-timeout", type=float,
+        help="on SIGTERM or SIGINT, seconds requests in flight may take to finish while new ones get 503; then "
+             "they are cut and the server exits 0 (default 30; a second signal cuts them at once)")
     opt("--log-level", type=str.lower, choices=["critical", "error", "warning", "info", "debug"],
         help="the server's and uvicorn's log level (default warning; info adds a line per request)")
     opt("--name", help="also register the engine as a named Ray actor other drivers reach with get_handle(NAME)")
@@ -248,7 +251,7 @@ _SETTINGS_FIELDS = {"max_waiting": "max_waiting", "max_request_bytes": "max_requ
                     "ready_timeout": "ready_timeout_s", "metrics_public": "metrics_public",
                     "log_requests": "log_requests", "max_prompts_per_request": "max_prompts_per_request",
                     "request_timeout": "request_timeout_s", "timeout_keep_alive": "keep_alive_timeout_s",
-                    "max_connections": "max_connections"}
+                    "max_connections": "max_connections", "shutdown_timeout": "shutdown_timeout_s"}
 
 
 def _serve(args) -> int:
@@ -275,8 +278,9 @@ def _serve(args) -> int:
                               **{_SETTINGS_FIELDS[k]: v for k, v in given.items() if k in _SETTINGS_FIELDS})
     for warning in startup_warnings(options["host"], keys, key_on_command_line, options["api_key_file"]):
         print(f"dist-infer: warning: {warning}", file=sys.stderr, flush=True)
-    run_server(engine_args, settings, options["host"], options["port"], options["log_level"], getattr(args, "name", None))
-    return 0
+    # 1 when the engine died under the server (a supervisor should restart it), 0 after SIGTERM / SIGINT
+    return run_server(engine_args, settings, options["host"], options["port"], options["log_level"],
+                      getattr(args, "name", None)) or 0
 
 
 def _eval_ppl(args) -> int:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from dist_infer.engine.llm_engine import LLMEngine
 from dist_infer.entrypoints.chat_utils import as_conversations, chat_prompt
 from dist_infer.entrypoints.prompt_args import per_prompt
-from dist_infer.outputs import RequestOutput
+from dist_infer.outputs import RequestFailedError, RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -95,6 +95,9 @@ class LLM:
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    if output.error is not None:  # replica failures it could not outlive: the batch fails
+                        engine.abort_request([i for i in ids if i not in results])
+                        raise RequestFailedError(output.request_id, output.error)
                     if output.finished:
                         results[output.request_id] = output
                         bar.update(1)

@@ -67,17 +67,28 @@ class LLMService:
     async def num_waiting(self) -> int:
         return self.engine.num_waiting()
 
-    async def check_ready(self, timeout: float) -> None:
-        await self.engine.check_ready(timeout)
+    async def check_ready(self, timeout: float) -> dict:
+        return await self.engine.check_ready(timeout)
 
     async def replica_stats(self) -> list:
         return await self.engine.replica_stats()
+
+    async def set_num_replicas(self, count: int) -> dict[int, str]:
+        return await self.engine.set_num_replicas(count)
 
     async def worker_timings(self) -> list[dict]:
         return await self.engine.worker_timings()
 
     async def shutdown(self) -> None:
         self.engine.shutdown()
+
+    async def engine_error(self) -> str | None:
+        """None while the engine serves, else why not (the error's type: its message may quote a request)."""
+        if self.engine.is_running:
+            return None
+        error = getattr(self.engine, "_error", None)
+        return (f"the engine actor's step loop failed with {type(error).__name__}" if error is not None
+                else "the engine actor's engine has stopped")
 
 
 def start_service(name: str, **engine_kwargs) -> LLMHandle:
@@ -174,6 +185,8 @@ class RemoteEngine:
 
         self.handle = handle
         self._waiting, self._fetching = 0, None
+        self._error: str | None = None  # why the actor's engine can no longer serve (see is_running)
+        self._probing = None
         self.tokenizer = load_tokenizer(engine_config.model_config)
         self._inputs = InputProcessor(engine_config.model_config, self.tokenizer)
 
@@ -213,11 +226,36 @@ class RemoteEngine:
             if not finished:
                 actor.abort.remote(request_id)
 
-    async def check_ready(self, timeout: float) -> None:
-        await self.handle.actor.check_ready.remote(timeout)
+    @property
+    def is_running(self) -> bool:
+        """Whether the actor's engine still serves, as last asked; never blocks (like ``num_waiting``, each call
+        starts a question when none is in flight). A dead actor counts as stopped; an actor that does not answer
+        yet does not."""
+        if self._error is None and (self._probing is None or self._probing.done()):
+            try:
+                self._probing = asyncio.get_running_loop().create_task(self._probe())
+            except RuntimeError:  # not on an event loop
+                pass
+        return self._error is None
+
+    async def _probe(self) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            self._error = await self.handle.actor.engine_error.remote()
+        except RayActorError as e:
+            self._error = f"the engine actor is gone ({type(e).__name__})"
+        except Exception:  # no answer this time (a busy or unreachable node): asked again next time
+            pass
+
+    async def check_ready(self, timeout: float) -> dict:
+        return await self.handle.actor.check_ready.remote(timeout)
 
     async def replica_stats(self) -> list:
         return await self.handle.actor.replica_stats.remote()
+
+    async def set_num_replicas(self, count: int) -> dict[int, str]:
+        return await self.handle.actor.set_num_replicas.remote(count)
 
     async def worker_timings(self) -> list[dict]:
         return await self.handle.actor.worker_timings.remote()

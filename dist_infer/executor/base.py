@@ -68,6 +68,6 @@ class Executor(ABC):
     def initialize_cache(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stops the workers; ``graceful=False`` does not wait for them (a failed replica's may be hung)."""
 

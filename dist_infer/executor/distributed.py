@@ -22,8 +22,8 @@ class WorkerHandle(ABC):
         """Queues a call; its future fails with a WorkerError if the worker raises or dies."""
 
     @abstractmethod
-    def shutdown(self) -> None:
-        """Stops the worker; nothing of it may remain afterwards."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stops the worker (``graceful=False``: at once, it may be hung); nothing of it may remain afterwards."""
 
     def error(self, what: str, detail: str) -> WorkerError:
         return WorkerError(self.rank, self.coords, what, detail)
@@ -56,9 +56,17 @@ class StepFuture(Future):
 
 
 class DistributedExecutor(Executor):
-    """Executors whose workers live in other processes (local or Ray)."""
+    """Executors whose workers live in other processes (local or Ray): the workers of one data-parallel
+    replica (``replica``), which form a torch world of their own, so that the replica fails and is rebuilt
+    alone. ``handles`` maps each of its global ranks to its worker."""
 
-    handles: list[WorkerHandle]
+    handles: dict[int, WorkerHandle]
+
+    def __init__(self, config, replica: int = 0):
+        super().__init__(config)
+        self.replica = replica
+        self.ranks = self.layout.replica_ranks(replica)
+        self.handles = {}
 
     @property
     def max_batches_in_flight(self) -> int:
@@ -66,7 +74,7 @@ class DistributedExecutor(Executor):
 
     def collective_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list:
-        ranks = list(range(len(self.handles))) if ranks is None else list(ranks)
+        ranks = list(self.ranks) if ranks is None else list(ranks)
         futures = [self.handles[r].call(method, args, kwargs or {}) for r in ranks]
         return self.wait_all(futures, ranks, method if isinstance(method, str) else method.__name__)
 
@@ -85,11 +93,12 @@ class DistributedExecutor(Executor):
         return [f.result() for f in futures]
 
     def wait_loaded(self, loads: list[Future]) -> None:
-        """Waits for every worker's load (one future per rank), for up to ``worker_load_timeout_s``."""
-        self.wait_all(loads, list(range(len(loads))), "load", self.config.parallel_config.worker_load_timeout_s)
+        """Waits for every worker's load (one future per rank, in ``ranks`` order), for up to
+        ``worker_load_timeout_s``."""
+        self.wait_all(loads, list(self.ranks), "load", self.config.parallel_config.worker_load_timeout_s)
 
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
-        ranks = self.layout.replica_ranks(replica)
+        ranks = self.ranks
         payload = self.prepare_payload(scheduler_output)
         futures = [self.handles[r].call("execute_model", (payload,)) for r in ranks]
         return StepFuture(futures, ranks, self.layout.output_rank(replica))
@@ -98,6 +107,6 @@ class DistributedExecutor(Executor):
         """What is sent to each worker of the step (Ray stores it once and sends a reference)."""
         return scheduler_output
 
-    def shutdown(self) -> None:
-        for handle in getattr(self, "handles", []):
-            handle.shutdown()
+    def shutdown(self, graceful: bool = True) -> None:
+        for handle in getattr(self, "handles", {}).values():
+            handle.shutdown(graceful)

@@ -41,13 +41,18 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn, config: EngineConfig, rank: int, init_method: str, local_rank: int, num_threads: int,
-                 parent_pid: int, local_world_size: int) -> None:
+                 parent_pid: int, local_world_size: int, world_ranks: list[int]) -> None:
     _die_with_parent(parent_pid)
+    # Ctrl+C in a terminal, or systemd signalling the whole unit, reaches the workers too: they leave the
+    # coordinator to drain its requests and stop them (and die with it in any case).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from dist_infer.distributed.parallel_state import destroy_distributed
     from dist_infer.worker.worker import Worker
 
     try:
-        worker = Worker(config, rank, init_method, local_rank, num_threads, local_world_size=local_world_size)
+        worker = Worker(config, rank, init_method, local_rank, num_threads, local_world_size=local_world_size,
+                        world_ranks=world_ranks)
     except BaseException as e:
         conn.send(("error", format_failure(e)))
         return
@@ -88,12 +93,12 @@ def _start_process(process) -> None:
 
 class ProcessWorker(WorkerHandle):
     def __init__(self, ctx, config: EngineConfig, rank: int, coords, init_method: str, local_rank: int,
-                 num_threads: int, local_world_size: int):
+                 num_threads: int, local_world_size: int, world_ranks: list[int]):
         super().__init__(rank, coords)
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, name=f"dist-infer-worker-{rank}", daemon=True,
                                    args=(child, config, rank, init_method, local_rank, num_threads, os.getpid(),
-                                         local_world_size))
+                                         local_world_size, world_ranks))
         _start_process(self.process)
         child.close()
         self._lock = threading.Lock()
@@ -155,8 +160,8 @@ class ProcessWorker(WorkerHandle):
             if not future.done():
                 future.set_exception(self.error(what, reason))
 
-    def shutdown(self) -> None:
-        if self.process.is_alive():
+    def shutdown(self, graceful: bool = True) -> None:
+        if graceful and self.process.is_alive():
             self._outbox.put(_SHUTDOWN)
             self.process.join(timeout=5)
         if self.process.is_alive():
@@ -166,23 +171,27 @@ class ProcessWorker(WorkerHandle):
 
 
 class MultiprocExecutor(DistributedExecutor):
-    def __init__(self, config: EngineConfig):
-        super().__init__(config)
+    """The workers of one data-parallel replica as child processes of this one, with a rendezvous of their own."""
+
+    def __init__(self, config: EngineConfig, replica: int = 0, workers_on_host: int | None = None):
+        """``workers_on_host``: how many workers this host runs at most over every replica (default: the
+        layout's world); they share its cores and its CPU KV-cache budget."""
+        super().__init__(config, replica)
         ctx = mp.get_context("spawn")
-        world = self.layout.world_size
+        workers_on_host = workers_on_host or self.layout.world_size
         self.rendezvous = LocalRendezvous()
         init_method = self.rendezvous.init_method
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // world)  # workers share this machine's cores without oversubscribing them
-        # Every worker runs on this host: they split its CPU KV-cache budget (local_world_size = world).
-        self.handles = [ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank, threads, world)
-                        for rank in range(world)]
+        threads = max(1, cores // workers_on_host)  # workers share this machine's cores without oversubscribing them
+        self.handles = {rank: ProcessWorker(ctx, config, rank, self.layout.coords(rank), init_method, rank,
+                                            threads, workers_on_host, self.ranks)
+                        for rank in self.ranks}
         try:
-            self.wait_loaded([h.ready for h in self.handles])
+            self.wait_loaded([self.handles[r].ready for r in self.ranks])
         except BaseException:
             self.shutdown()
             raise
 
-    def shutdown(self) -> None:
-        super().shutdown()
+    def shutdown(self, graceful: bool = True) -> None:
+        super().shutdown(graceful)
         self.rendezvous.close()

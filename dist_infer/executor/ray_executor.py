@@ -63,13 +63,13 @@ class RayWorkerActor:
         return check_reachable(host, port, timeout_s)
 
     def init_worker(self, config: EngineConfig, rank: int, init_method: str,
-                    local_world_size: int = 1) -> tuple[str, object]:
+                    local_world_size: int = 1, world_ranks: list[int] | None = None) -> tuple[str, object]:
         from dist_infer.worker.worker import Worker
 
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
         try:
             self.worker = Worker(config, rank, init_method, local_rank=0, num_threads=threads,
-                                 local_world_size=local_world_size)
+                                 local_world_size=local_world_size, world_ranks=world_ranks)
         except BaseException as e:
             return "error", format_failure(e)
         return "ok", None
@@ -117,7 +117,7 @@ class RayWorker(WorkerHandle):
         what = method if isinstance(method, str) else getattr(method, "__name__", "rpc")
         return self._wrap(self.actor.call.remote(method, args, kwargs or {}), what)
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         import ray
 
         try:
@@ -127,33 +127,52 @@ class RayWorker(WorkerHandle):
 
 
 class RayExecutor(DistributedExecutor):
-    def __init__(self, config: EngineConfig):
-        super().__init__(config)
+    """The workers of one data-parallel replica as Ray actors, in placement groups of their own."""
+
+    def __init__(self, config: EngineConfig, replica: int = 0, workers_per_node: Counter | None = None):
+        """``workers_per_node``: this engine's workers already running on each node (other replicas); they
+        share a node's RAM with this replica's, so they split its CPU KV-cache budget."""
+        super().__init__(config, replica)
         import ray
 
         # A private instance offers a CPU slot per worker even on a smaller machine; the workers then share its
-        # cores, each with one thread.
+        # cores, each with one thread. (The engine opens the instance first: see ``open_session``.)
         self._started_ray = ray_cluster.connect(config.parallel_config.ray_address,
                                                 num_cpus=max(os.cpu_count() or 1, self.layout.world_size))
-        self.placement_groups, self.handles, self.rendezvous = [], [], None
+        self.placement_groups, self.rendezvous = [], None
         try:
-            self._start_workers(config)
+            self._start_workers(config, workers_per_node or Counter())
         except BaseException:
             self.shutdown()
             raise
 
+    @staticmethod
+    def open_session(config: EngineConfig, planned_workers: int) -> bool:
+        """Joins or starts the Ray cluster for the engine's replicas; True when it started a private one (the
+        caller then stops it with ``close_session`` once every replica is gone)."""
+        return ray_cluster.connect(config.parallel_config.ray_address,
+                                   num_cpus=max(os.cpu_count() or 1, planned_workers))
+
+    @staticmethod
+    def close_session() -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
     def _check_fits(self, bundle: dict) -> None:
-        """Fails at once, naming what is missing, when no placement could ever satisfy the layout."""
+        """Fails at once, naming what is missing, when no placement could ever satisfy the replica."""
         import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        need_total = {k: v * self.layout.world_size for k, v in bundle.items()}
+        size = self.layout.replica_size
+        need_total = {k: v * size for k, v in bundle.items()}
         have_total = {k: sum(n.get(k, 0) for n in nodes) for k in bundle}
         best_node = {k: max((n.get(k, 0) for n in nodes), default=0) for k in bundle}
         stage = {k: v * self.layout.tp for k, v in bundle.items()}
         if any(have_total[k] < need_total[k] for k in bundle) or any(best_node[k] < stage[k] for k in bundle):
             raise RuntimeError(
-                f"the Ray cluster cannot hold this layout: {self.layout.world_size} workers need {need_total} in all "
+                f"the Ray cluster cannot hold replica {self.replica}: its {size} workers need {need_total} in all "
                 f"and {stage} on one node per tensor-parallel group; the cluster has {have_total} in all, at most "
                 f"{best_node} on one node"
             )
@@ -164,60 +183,62 @@ class RayExecutor(DistributedExecutor):
         gpus = ray.cluster_resources().get("GPU", 0)
         return {"GPU": 1, "CPU": 1} if gpus >= 1 else {"CPU": 1}
 
-    def _start_workers(self, config: EngineConfig) -> None:
+    def _start_workers(self, config: EngineConfig, workers_per_node: Counter) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        layout, parallel = self.layout, config.parallel_config
+        layout, parallel, d = self.layout, config.parallel_config, self.replica
         bundle = self._bundle()
         self._check_fits(bundle)
         actor_cls = ray.remote(RayWorkerActor)
         actors: dict[int, object] = {}
-        for d in range(layout.dp):
-            used_nodes: list[str] = []
-            for p in range(layout.pp):
-                selector = None
-                if parallel.pipeline_placement == "SPREAD" and used_nodes:
-                    selector = [{"ray.io/node-id": f"!in({','.join(used_nodes)})"}] * layout.tp
-                pg = placement_group([dict(bundle)] * layout.tp, strategy="STRICT_PACK",
-                                     bundle_label_selector=selector)
-                self.placement_groups.append(pg)
-                ready, _ = ray.wait([pg.ready()], timeout=parallel.worker_load_timeout_s)
-                if not ready:
-                    raise RuntimeError(
-                        f"Ray could not place replica {d} stage {p} ({layout.tp} x {bundle}, one node"
-                        f"{', apart from its other stages' if selector else ''}) within "
-                        f"{parallel.worker_load_timeout_s:.0f}s; "
-                        f"cluster resources: {ray.available_resources()}"
-                    )
-                for t in range(layout.tp):
-                    rank = layout.rank(d, p, t)
-                    actors[rank] = actor_cls.options(
-                        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=t),
-                    ).remote()
-                used_nodes.append(ray.get(actors[layout.rank(d, p, 0)].node_info.remote())["node_id"])
-        self.handles = [RayWorker(actors[r], r, layout.coords(r)) for r in range(layout.world_size)]
-        infos = ray.get([h.actor.node_info.remote() for h in self.handles])
+        used_nodes: list[str] = []
+        for p in range(layout.pp):
+            selector = None
+            if parallel.pipeline_placement == "SPREAD" and used_nodes:
+                selector = [{"ray.io/node-id": f"!in({','.join(used_nodes)})"}] * layout.tp
+            pg = placement_group([dict(bundle)] * layout.tp, strategy="STRICT_PACK",
+                                 bundle_label_selector=selector)
+            self.placement_groups.append(pg)
+            ready, _ = ray.wait([pg.ready()], timeout=parallel.worker_load_timeout_s)
+            if not ready:
+                raise RuntimeError(
+                    f"Ray could not place replica {d} stage {p} ({layout.tp} x {bundle}, one node"
+                    f"{', apart from its other stages' if selector else ''}) within "
+                    f"{parallel.worker_load_timeout_s:.0f}s; "
+                    f"cluster resources: {ray.available_resources()}"
+                )
+            for t in range(layout.tp):
+                rank = layout.rank(d, p, t)
+                actors[rank] = actor_cls.options(
+                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=t),
+                ).remote()
+            used_nodes.append(ray.get(actors[layout.rank(d, p, 0)].node_info.remote())["node_id"])
+        self.handles = {r: RayWorker(actors[r], r, layout.coords(r)) for r in self.ranks}
+        infos = ray.get([self.handles[r].actor.node_info.remote() for r in self.ranks])
+        self.nodes = [info["node_id"] for info in infos]
+        first = self.handles[self.ranks[0]]
         if all(info["node_id"] == ray.get_runtime_context().get_node_id() for info in infos):
             self.rendezvous = LocalRendezvous()  # every rank beside the driver: no TCP port at all
             init_method = self.rendezvous.init_method
         else:
             ip = infos[0]["ip"]
             self._check_rendezvous(ip, infos)
-            init_method = tcp_init_method(ip, ray.get(self.handles[0].actor.free_port.remote()))
+            init_method = tcp_init_method(ip, ray.get(first.actor.free_port.remote()))
         # Workers on one node share its RAM, so they split its CPU KV-cache budget.
-        per_node = Counter(info["node_id"] for info in infos)
-        loads = [h._wrap(h.actor.init_worker.remote(config, h.rank, init_method, per_node[info["node_id"]]), "load")
-                 for h, info in zip(self.handles, infos)]
+        per_node = Counter(self.nodes) + workers_per_node
+        loads = [self.handles[r]._wrap(self.handles[r].actor.init_worker.remote(
+                     config, r, init_method, per_node[info["node_id"]], self.ranks), "load")
+                 for r, info in zip(self.ranks, infos)]
         self.wait_loaded(loads)
 
     def _check_rendezvous(self, ip: str, infos: list[dict], timeout_s: float = 15.0) -> None:
         """Fails at once, naming the rank, when a worker cannot reach rank 0's host at ``ip``."""
         import ray
 
-        remote = [h.rank for h, info in zip(self.handles, infos) if info["node_id"] != infos[0]["node_id"]]
+        remote = [r for r, info in zip(self.ranks, infos) if info["node_id"] != infos[0]["node_id"]]
         if remote and is_loopback(ip):
             raise RuntimeError(
                 f"rank 0 would announce the loopback address {ip} as the rendezvous, but ranks {remote} run on "
@@ -225,7 +246,7 @@ class RayExecutor(DistributedExecutor):
                 f"DIST_INFER_HOST_IP on rank 0's node")
         if not remote:
             return
-        master = self.handles[0].actor
+        master = self.handles[self.ranks[0]].actor
         try:
             port = ray.get(master.open_probe.remote(ip))
         except ray.exceptions.RayTaskError as e:
@@ -235,7 +256,7 @@ class RayExecutor(DistributedExecutor):
             answers = ray.get([self.handles[r].actor.reach.remote(ip, port, timeout_s) for r in remote])
         finally:
             ray.get(master.close_probe.remote())
-        failed = [(r, infos[r], why) for r, why in zip(remote, answers) if why is not None]
+        failed = [(r, infos[self.ranks.index(r)], why) for r, why in zip(remote, answers) if why is not None]
         if failed:
             r, info, why = failed[0]
             raise RuntimeError(
@@ -253,13 +274,13 @@ class RayExecutor(DistributedExecutor):
         """The node each worker runs on, in rank order (as the workers themselves report it)."""
         import ray
 
-        return [info["node_id"] for info in ray.get([h.actor.node_info.remote() for h in self.handles])]
+        return [info["node_id"] for info in ray.get([self.handles[r].actor.node_info.remote() for r in self.ranks])]
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        super().shutdown()
+        super().shutdown(graceful)
         for pg in getattr(self, "placement_groups", []):
             try:
                 remove_placement_group(pg)

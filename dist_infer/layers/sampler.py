@@ -8,8 +8,9 @@ For a row with logits ``z`` (fp32, [V]):
 4. a token is drawn from the renormalized distribution ``pi`` by the exponential race
    ``argmax_t pi_t / E_t``, ``E_t ~ Exp(1)``, which picks ``t`` with probability ``pi_t``.
 
-The noise ``E`` is drawn in vocabulary order from the request's own generator when it has a seed, so a
-seeded request's tokens do not depend on the other rows of its batch. Log-probabilities are those of the
+The noise ``E`` of a seeded request is drawn in vocabulary order from a generator seeded by the request's
+seed and the position being sampled (``request_state.position_seed``), so a seeded request's tokens depend
+on neither the other rows of its batch nor the path it took (preemption, another replica after a failure). Log-probabilities are those of the
 model's raw distribution ``log_softmax(z)``.
 """
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +17,30 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+_MASK64 = 2**64 - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the noise that samples the token at ``position`` (its index in prompt + output) of a request
+    seeded with ``seed``: a splitmix64 mix of both, so neighbouring positions and seeds draw unrelated noise.
+
+    The noise depends on nothing else (not on how many tokens were sampled before, on which worker or
+    replica, after a preemption or after a migration): a request moved to another replica with its tokens so
+    far draws exactly the noise it would have drawn where it was."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def position_generator(state: CachedRequestState, device: torch.device) -> torch.Generator | None:
+    """The generator for the token a seeded request samples now (None for an unseeded one)."""
+    seed = state.sampling_params.seed
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(position_seed(seed % 2**64, len(state.token_ids)))
 
 
 def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -51,6 +74,6 @@ def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, devi
         min_p=min_p,
         repetition_penalty=penalty,
         seen_tokens=seen,
-        generators=[s.generator for s in states],
+        generators=[position_generator(s, device) for s in states],
         max_num_logprobs=max(logprobs) if logprobs else None,
     )

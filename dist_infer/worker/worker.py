@@ -28,9 +28,11 @@ def pick_device(local_rank: int = 0) -> torch.device:
 
 class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, local_rank: int = 0,
-                 num_threads: int | None = None, device: torch.device | None = None, local_world_size: int = 1):
+                 num_threads: int | None = None, device: torch.device | None = None, local_world_size: int = 1,
+                 world_ranks: list[int] | None = None):
         """``local_world_size``: how many workers run on this host (this one included); they share its RAM,
-        so each takes that share of the CPU KV-cache budget (see ``kv_cache_budget``)."""
+        so each takes that share of the CPU KV-cache budget (see ``kv_cache_budget``). ``world_ranks``: the
+        ranks of this worker's torch world (default: all; see ``init_distributed``)."""
         self.config, self.rank, self.local_world_size = config, rank, local_world_size
         self.device = device or pick_device(local_rank)
         if self.device.type == "cuda":
@@ -38,8 +40,9 @@ class Worker:
         if num_threads:
             torch.set_num_threads(num_threads)
         layout = layout_of(config)
-        if layout.world_size > 1:
-            init_distributed(layout, rank, init_method, self.device, config.parallel_config.collective_timeout_s)
+        if len(world_ranks or range(layout.world_size)) > 1:
+            init_distributed(layout, rank, init_method, self.device, config.parallel_config.collective_timeout_s,
+                             world_ranks)
         # Unseeded requests draw from the global generator: seeding it makes whole runs repeatable.
         torch.manual_seed(config.model_config.seed)
         self.coords = layout.coords(rank)

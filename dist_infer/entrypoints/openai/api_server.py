@@ -1,8 +1,10 @@
 """``dist-infer serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn, one asyncio engine behind it).
 
 Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health`` (the process is up),
-``/ready`` (every worker answers and a one-token request crosses every stage of every replica; 503 naming
-what failed otherwise), ``/metrics`` (Prometheus) and ``/openapi.json``. With API keys every route but
+``/ready`` (the workers of every serving replica answer and a one-token request crosses each of its stages:
+``ready``, or ``degraded`` while another replica is failed, starting or rebuilding; 503 naming what failed
+when no replica serves), ``/admin/replicas`` (GET each replica's state and history; POST ``{"replicas": N}``
+to run N), ``/metrics`` (Prometheus) and ``/openapi.json``. With API keys every route but
 ``/health`` needs ``Authorization: Bearer <key>`` (``--metrics-public`` opens ``/metrics`` too); see
 ``middleware`` for the checks every request goes through, ``auth`` for keys, ``request_log`` for what is logged.
 Bodies over ``max_request_bytes`` get 413, non-JSON POSTs 415, malformed ones 400 (deep nesting and invalid
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
+from dist_infer.outputs import RequestFailedError
 from dist_infer.entrypoints.openai.auth import APIKeys
 from dist_infer.entrypoints.openai.body import decode_json_object
 from dist_infer.entrypoints.openai.errors import OpenAIError, http_error, http_error_code, validation_error
@@ -38,10 +41,12 @@ from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, Comple
 from dist_infer.entrypoints.openai.redact import Redactor
 from dist_infer.entrypoints.openai.request_log import RequestLog, configure_logging
 from dist_infer.entrypoints.openai.serving import EventStream, OpenAIServing
+from dist_infer.entrypoints.openai.shutdown import DrainingServer, GracefulShutdown
 
 logger = logging.getLogger("dist_infer.server")
 
 _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_RETRY_AFTER_S = 5  # seconds a client should wait before retrying a request that outlived its replicas
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ServerSettings:
     request_timeout_s: float = 30.0  # for a request's headers, and again for its body
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); more get 503
+    shutdown_timeout_s: float = 30.0  # on SIGTERM / SIGINT, requests in flight get this long to finish
 
     def __post_init__(self) -> None:
         if self.api_keys is None or isinstance(self.api_keys, str):
@@ -66,7 +72,7 @@ class ServerSettings:
         for name in ("max_request_bytes", "max_prompts_per_request", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "keep_alive_timeout_s", "ready_timeout_s"):
+        for name in ("request_timeout_s", "keep_alive_timeout_s", "ready_timeout_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -123,18 +129,44 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        """200 while the server can serve or recover (a replica failing and rebuilding included), or drains;
+        503 once the engine is gone for good (every replica given up), until the process exits."""
+        shutdown = getattr(app.state, "shutdown", None)  # set by run_server; absent when build_app is used alone
+        if shutdown is None:
+            return {"status": "ok"}
+        status, body = shutdown.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/ready")
     async def ready():
         try:
-            await engine.check_ready(settings.ready_timeout_s)
+            status = await engine.check_ready(settings.ready_timeout_s)
         except Exception as e:
             metrics.count_ready(False)
             reason = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             return JSONResponse({"status": "not ready", "error": reason}, status_code=503)
         metrics.count_ready(True)
-        return {"status": "ready"}
+        return status  # "ready", or "degraded" while some replica is down and another serves
+
+    @app.get("/admin/replicas")
+    async def get_replicas():
+        return {"replicas": [_replica_report(r) for r in await engine.replica_stats()]}
+
+    @app.post("/admin/replicas")
+    async def set_replicas(request: Request):
+        body = decode_json_object(await request.body())
+        count = body.get("replicas")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise OpenAIError(400, f"'replicas' must be an int >= 1, got {count!r}", param="replicas",
+                              code="invalid_value")
+        try:
+            states = await engine.set_num_replicas(count)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="replicas", code="invalid_value") from None
+        except EngineDeadError as e:
+            raise OpenAIError(503, f"the engine is not running: {e}", code="engine_dead") from None
+        logger.warning("replica count set to %d by an admin call", count)
+        return {"replicas": count, "states": {str(d): state for d, state in states.items()}}
 
     @app.get("/metrics")
     async def prometheus():
@@ -160,11 +192,22 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     return app
 
 
+def _replica_report(report: dict) -> dict:
+    events = report["events"]
+    return {"replica": report["index"], "state": report["state"], "failures": events.failures,
+            "migrations": events.migrations, "rebuilds": events.rebuilds, "rebuild_failures": events.rebuild_failures,
+            "rebuild_seconds": events.rebuild_seconds, "last_error": events.last_error,
+            "running": report["stats"].num_running if report["stats"] is not None else 0,
+            "waiting": report["stats"].num_waiting if report["stats"] is not None else 0}
+
+
 async def _serve(handler, body, record):
     try:
         return await handler(body, record)
     except EngineDeadError as e:
         raise OpenAIError(503, f"the engine is not running: {e}", code="engine_dead") from None
+    except RequestFailedError as e:  # accepted, but its replicas failed under it: worth a retry
+        raise OpenAIError(503, str(e), code="replica_failure", headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
     except ValueError as e:  # a request the engine refused (e.g. it can never fit)
         raise OpenAIError(400, str(e), code="invalid_request") from None
 
@@ -214,6 +257,12 @@ async def _guarded(stream, request_id: str, request_log: RequestLog):
     try:
         async for item in stream:
             yield item
+    except RequestFailedError as e:  # its replicas failed under it (the engine logged why): the client may retry
+        logger.warning("stream %s failed: the engine could not finish it after replica failures", request_id)
+        body = {"error": {"message": f"{e} (request id {request_id})", "type": "service_unavailable", "param": None,
+                          "code": "replica_failure"}}
+        yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
     except Exception as e:
         request_log.exception(f"stream {request_id} failed", e)
         body = {"error": {"message": f"{e} (request id {request_id})", "type": "server_error", "param": None,
@@ -223,14 +272,15 @@ async def _guarded(stream, request_id: str, request_log: RequestLog):
 
 
 def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_level: str = "warning",
-               name: str | None = None) -> None:
-    """Builds the engine, serves until interrupted, then shuts the engine (and its workers) down.
+               name: str | None = None) -> int:
+    """Builds the engine, serves until SIGTERM / SIGINT (a graceful drain, see ``shutdown``) or until the engine
+    dies, then shuts the engine (and its workers) down. Returns the exit code: 0 after a signal, 1 when the
+    engine could no longer serve (so that a supervisor restarts the server).
 
     With ``name``, the engine runs in a detached named Ray actor that other Ray drivers can also reach
     (``dist_infer.get_handle(name)``), and this server talks to it."""
-    import uvicorn
-
-    configure_logging(log_level, settings.log_requests, Redactor(settings.api_keys.secrets()))
+    redactor = Redactor(settings.api_keys.secrets())
+    configure_logging(log_level, settings.log_requests, redactor)
     config = engine_args.create_engine_config()
     if name is not None:
         from dataclasses import asdict
@@ -242,11 +292,16 @@ def run_server(engine_args, settings: ServerSettings, host: str, port: int, log_
                               config)
     else:
         engine = AsyncLLMEngine(config)
-    try:
-        app = build_app(engine, settings, config.parallel_config.data_parallel_size)
-        keys = settings.api_keys.names
-        access = f"API keys: {', '.join(keys)}" if keys else "no API key"
-        print(f"dist-infer serving {settings.model_name} on http://{host}:{port} ({access})", flush=True)
-        uvicorn.Server(uvicorn_config(app, host, port, log_level, settings)).run()
-    finally:
-        engine.shutdown()
+    shutdown = GracefulShutdown(settings.shutdown_timeout_s, engine, redactor if settings.log_requests else None)
+    # Signals drain the server (and are then ignored while the engine shuts down, so workers are not orphaned).
+    with shutdown.signals_handled():
+        try:
+            app = build_app(engine, settings, config.parallel_config.data_parallel_size)
+            shutdown.install(app)
+            keys = settings.api_keys.names
+            access = f"API keys: {', '.join(keys)}" if keys else "no API key"
+            print(f"dist-infer serving {settings.model_name} on http://{host}:{port} ({access})", flush=True)
+            DrainingServer(uvicorn_config(app, host, port, log_level, settings), shutdown).run()
+        finally:
+            engine.shutdown()
+    return shutdown.exit_code

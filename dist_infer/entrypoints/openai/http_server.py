@@ -8,6 +8,11 @@ Connections are bounded in number and in time, so slow or idle clients cannot ho
   the first byte of a later request on a kept-alive connection); otherwise the server answers 408 (if anything
   was sent) and closes it. uvicorn's h11 protocol has no such timeout, hence the subclass below;
 - the body has its own deadline (``--request-timeout`` too), enforced by the middleware, which answers 408.
+
+Stopping is ``shutdown``'s: uvicorn's signal handling is replaced by a drain of up to ``--shutdown-timeout``
+seconds, and uvicorn's own shutdown (listening socket closed, connections closed) only begins once that drain
+is over. By then every request has finished or been cut, so uvicorn's ``timeout_graceful_shutdown`` only bounds
+the last bytes of cut answers and of probes (``/health``, ``/metrics``): it never cuts what the drain allows.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ _TIMEOUT_BODY = json.dumps({"error": {"message": "the request headers did not ar
                                      "param": None, "code": "request_timeout"}}).encode()
 _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                     b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+_AFTER_DRAIN_S = 5  # uvicorn's graceful shutdown, which starts after the drain (see above)
 
 
 def uvicorn_config(app, host: str, port: int, log_level: str, settings):
@@ -29,7 +35,7 @@ def uvicorn_config(app, host: str, port: int, log_level: str, settings):
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
-                          timeout_graceful_shutdown=5, lifespan="off",
+                          timeout_graceful_shutdown=_AFTER_DRAIN_S, lifespan="off",
                           http=header_timeout_protocol(settings.request_timeout_s),
                           timeout_keep_alive=settings.keep_alive_timeout_s,
                           limit_concurrency=settings.max_connections)

@@ -6,9 +6,12 @@ template or ``unmatched``, ``key`` the API key's name, ``none`` on a server with
 token, inter-token latency and end-to-end latency, and ``dist_infer_ready_checks_total{model,result}`` (``ok`` /
 ``fail``) for each ``/ready`` that ran its checks.
 
-Read from the engine at each scrape: ``dist_infer_replica_up{model,replica}`` (1 while the replica's engine
-answers its stats within the scrape budget, else 0), waiting and running requests, KV-cache use and prefix-cache
-hit rate per replica, per pipeline stage the time its workers spent computing and their idle (bubble) fraction,
+Read from the engine at each scrape: ``dist_infer_replica_up{model,replica}`` (1 while the replica serves or
+drains and the engine answers its stats within the scrape budget, else 0), ``dist_infer_replica_state{model,
+replica,state}`` (1 for its state: starting, serving, draining, failed, stopped), per replica its failures,
+the requests that moved away from it, its rebuilds, failed rebuild attempts and the seconds rebuilds took
+(``dist_infer_replica_rebuild_seconds`` sum and count), waiting and running requests, KV-cache use and
+prefix-cache hit rate per replica, per pipeline stage the time its workers spent computing and their idle (bubble) fraction,
 and ``dist_infer_worker_uptime_seconds{model,replica,stage,rank}`` (it restarts from 0 with its worker, so
 ``resets()`` counts restarts). A dead engine still yields the server's own counters and ``replica_up`` 0, so the
 scrape succeeds and the alert fires.
@@ -21,7 +24,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from dist_infer.outputs import RequestOutput
 
@@ -104,7 +107,6 @@ class _EngineCollector:
             self.up, self.replicas, self.timings = False, [], []
             return
         self.up, self._reported_down = True, False
-        self.num_replicas = max(self.num_replicas, len(self.replicas))
         try:
             self.timings = await asyncio.wait_for(self.engine.worker_timings(), max(0.1, deadline - time.monotonic()))
             self._timings_ok = True
@@ -125,12 +127,14 @@ class _EngineCollector:
             "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / looked up", "prefix_cache_hit_rate"),
         }
         families = {k: GaugeMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in gauges.items()}
-        up = GaugeMetricFamily("dist_infer_replica_up", "1 while the replica's engine answers its stats, else 0",
-                               labels=labels)
-        answered = len(self.replicas) if self.up else 0
-        for replica in range(max(self.num_replicas, answered)):
-            up.add_metric([self.model_name, str(replica)], 1.0 if replica < answered else 0.0)
+        up = GaugeMetricFamily("dist_infer_replica_up", "1 while the replica serves (or drains) and the engine "
+                               "answers its stats, else 0", labels=labels)
+        reports = self.replicas if self.up else []
+        steps = {r["index"] for r in reports if r["state"] in ("serving", "draining")}
+        for replica in sorted(set(range(self.num_replicas)) | {r["index"] for r in reports}):
+            up.add_metric([self.model_name, str(replica)], 1.0 if replica in steps else 0.0)
         yield up
+        yield from self._replica_events(reports)
         counters = {
             "replica_requests": ("Requests routed to each replica", "requests_added"),
             "replica_generation_tokens": ("Tokens generated, per replica", "generation_tokens"),
@@ -138,14 +142,44 @@ class _EngineCollector:
             "preemptions": ("Requests preempted, per replica", "num_preemptions"),
         }
         totals = {k: CounterMetricFamily(f"dist_infer_{k}", doc, labels=labels) for k, (doc, _) in counters.items()}
-        for replica, stats in enumerate(self.replicas):
-            for key, (_, attr) in gauges.items():
-                families[key].add_metric([self.model_name, str(replica)], float(getattr(stats, attr)))
-            for key, (_, attr) in counters.items():
-                totals[key].add_metric([self.model_name, str(replica)], getattr(stats, attr))
+        for report in reports:
+            stats = report["stats"]
+            if stats is None:
+                continue
+            key = [self.model_name, str(report["index"])]
+            for name, (_, attr) in gauges.items():
+                families[name].add_metric(key, float(getattr(stats, attr)))
+            for name, (_, attr) in counters.items():
+                totals[name].add_metric(key, getattr(stats, attr))
         yield from families.values()
         yield from totals.values()
         yield from self._stage_metrics()
+
+    def _replica_events(self, reports: list[dict]):
+        labels = ["model", "replica"]
+        state = GaugeMetricFamily("dist_infer_replica_state", "1 for the replica's current state",
+                                  labels=labels + ["state"])
+        counts = {
+            "failures": CounterMetricFamily("dist_infer_replica_failures", "Times the replica failed (a worker "
+                                            "raised, died or hung)", labels=labels),
+            "migrations": CounterMetricFamily("dist_infer_request_migrations", "Requests moved away from the "
+                                              "replica (after its failure, or at the end of a drain)", labels=labels),
+            "rebuilds": CounterMetricFamily("dist_infer_replica_rebuilds", "Times the replica was rebuilt after a "
+                                            "failure", labels=labels),
+            "rebuild_failures": CounterMetricFamily("dist_infer_replica_rebuild_failures", "Build attempts of the "
+                                                    "replica that failed", labels=labels),
+        }
+        seconds = SummaryMetricFamily("dist_infer_replica_rebuild_seconds", "Seconds from a replica's failure (or "
+                                      "scale-up) until it served again", labels=labels)
+        for report in reports:
+            key, events = [self.model_name, str(report["index"])], report["events"]
+            state.add_metric(key + [report["state"]], 1.0)
+            for name, family in counts.items():
+                family.add_metric(key, getattr(events, name))
+            seconds.add_metric(key, len(events.rebuild_seconds), sum(events.rebuild_seconds))
+        yield state
+        yield from counts.values()
+        yield seconds
 
     def _stage_metrics(self):
         stage_labels = ["model", "replica", "stage"]
