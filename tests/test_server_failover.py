@@ -308,9 +308,6 @@ def test_worker_kills_under_load_lose_nothing_and_change_nothing(server, tiny_ll
     assert [s.text for s in again] == [s.text for s in reference[:32]]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a worker that dies while its replica is idle is not noticed "
-                   "until a request is routed there; meanwhile /ready pings it and answers 503 although the other "
-                   "replica serves (a readiness probe then withholds the traffic that would reveal the failure)")
 def test_a_worker_dying_while_idle_degrades_ready_instead_of_failing_it(server):
     assert wait_until(lambda: httpx.get(server.base_url + "/ready", timeout=60).json()["status"] == "ready", 60)
     victim = worker_processes(server.proc.pid)[-1]

@@ -186,12 +186,27 @@ class AsyncLLMEngine:
         serving = [d for d, state in states.items() if state == "serving"]
         if not serving:
             raise RuntimeError(f"no replica is serving (replicas: {_describe(states)})")
-        await asyncio.wait_for(self._call(lambda: self.engine.executor.collective_rpc(
-            "ping", ranks=[r for d in serving for r in self.engine.executor.layout.replica_ranks(d)])), timeout)
+        await asyncio.wait_for(self._call(lambda: self._ping_serving(serving)), timeout)
+        serving = [d for d, state in self.replica_states().items() if state == "serving"]
+        if not serving:
+            raise RuntimeError(f"no replica is serving (replicas: {_describe(self.replica_states())})")
         await asyncio.wait_for(asyncio.gather(*(canary(d) for d in serving)), timeout)
         states = self.replica_states()
         degraded = any(state not in ("serving", "stopped") for state in states.values())
         return {"status": "degraded" if degraded else "ready", "replicas": states}
+
+    def _ping_serving(self, replicas: list[int]) -> None:
+        """On the engine thread: pings each replica's workers; one whose worker does not answer fails (its
+        requests move, it is rebuilt), as a failed step would make it: an idle replica's dead worker is found."""
+        manager = self.engine.replicas
+        for d in replicas:
+            replica = manager.replicas.get(d)
+            if replica is None or replica.state.value != "serving":
+                continue
+            try:
+                self.engine.executor.collective_rpc("ping", ranks=self.engine.executor.layout.replica_ranks(d))
+            except Exception as e:
+                manager.fail(replica, e)
 
     def get_stats(self):
         return self.engine.get_stats()

@@ -157,6 +157,10 @@ class ReplicaManager:
         return ready
 
     # ---- failure and migration -------------------------------------------------------------------------
+    def fail(self, replica: Replica, error: BaseException) -> None:
+        """Fails ``replica`` from outside a step (its worker did not answer a health check)."""
+        self._fail(replica, error)
+
     def _fail(self, replica: Replica, error: BaseException) -> None:
         if not self.isolated:
             raise error  # one launch for every replica: the engine cannot go on without this one
