@@ -51,10 +51,6 @@ class Replica:
         self.state, self.changed_at = state, time.monotonic()
 
     @property
-    def has_work(self) -> bool:
-        return self.core is not None and not self.core.idle
-
-    @property
     def steps(self) -> bool:
         """It runs steps: serving, or draining what it holds."""
         return self.core is not None and self.state in (ReplicaState.SERVING, ReplicaState.DRAINING)

@@ -180,16 +180,18 @@ class ReplicaManager:
             self.supervisor.rebuild(replica.index)
         self._migrate(replica, moved)
 
-    def _migrate(self, source: Replica, requests: list[Request]) -> None:
+    def _migrate(self, source: Replica, requests: list[Request], failure: bool = True) -> None:
+        """Moves ``requests`` off ``source``; a move after a failure counts against ``migration_limit``, the
+        end of a drain does not."""
         limit = self.replica_config.migration_limit
         for request in requests:
             self.owner.pop(request.request_id, None)
-            if request.num_migrations >= limit:
+            if failure and request.num_migrations >= limit:
                 self.failed_requests.append((request.request_id, (
                     f"request {request.request_id} moved {request.num_migrations} times after replica failures "
                     f"(migration_limit={limit}); last: replica {source.index} failed: {source.events.last_error}")))
                 continue
-            request.reset_for_migration()
+            request.reset_for_migration(counted=failure)
             source.events.migrations += 1
             self.place(request)
 
@@ -284,13 +286,7 @@ class ReplicaManager:
                 self.supervisor.stop(replica.index)
                 logger.warning("replica %d drained and stopped", replica.index)
             elif now >= replica.drain_deadline and self.serving():
-                moved = replica.core.scheduler.take_all()
-                for request in moved:
-                    self.owner.pop(request.request_id, None)
-                    request.reset_for_migration()
-                    request.num_migrations -= 1  # a drain is not a failure: it does not count against the limit
-                    replica.events.migrations += 1
-                    self.place(request)
+                self._migrate(replica, replica.core.scheduler.take_all(), failure=False)
 
     def _autoscale(self) -> None:
         if self.policy is None:

@@ -49,13 +49,14 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_migrations = 0  # times it moved to another replica
 
-    def reset_for_migration(self) -> None:
+    def reset_for_migration(self, counted: bool = True) -> None:
         """Makes it a new request for another replica, holding every token so far: that replica computes
-        prompt + output again (as after a preemption) and samples the next token where this one stopped."""
+        prompt + output again (as after a preemption) and samples the next token where this one stopped.
+        ``counted``: the move counts toward ``migration_limit`` (after a failure; not at the end of a drain)."""
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_tokens_sent = 0
-        self.num_migrations += 1
+        self.num_migrations += counted
 
     @property
     def sort_key(self) -> tuple[int, float]:
