@@ -21,7 +21,8 @@ class ReplicaConfig:
     ``migration_limit``: how many times one request may move to another replica; past it the request ends
     with an error. ``no_replica_timeout_s``: how long a request may wait while no replica can take it.
     ``drain_timeout_s``: a replica leaving (scale-down) finishes its requests for up to this long, then moves
-    the rest. ``autoscaling``: the replica count's bounds and policy (Ray Serve's names); by default the count
+    the rest. ``health_check_period_s``: how often a replica with no step in flight has its workers pinged
+    (Ray Serve's name), so a worker that died or hung while idle is found before a request lands on it. ``autoscaling``: the replica count's bounds and policy (Ray Serve's names); by default the count
     stays at ``data_parallel_size``."""
 
     max_replica_restarts: int = 3
@@ -29,6 +30,7 @@ class ReplicaConfig:
     migration_limit: int = 3
     no_replica_timeout_s: float = 120.0
     drain_timeout_s: float = 60.0
+    health_check_period_s: float = 5.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
@@ -40,3 +42,6 @@ class ReplicaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        period = self.health_check_period_s
+        if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
+            raise ValueError(f"health_check_period_s must be a number of seconds > 0, got {period!r}")

@@ -142,14 +142,19 @@ def test_a_hung_replica_is_found_while_another_keeps_finishing_steps(llm):
     engine.add_request("victim", _workload()[0][0], params, replica=1)
     engine.step()
     engine.executor.collective_rpc(hang_in_step, ranks=[engine.executor.layout.rank(1, 0, 0)])
-    hung_at, n = time.monotonic(), 0
+    hung_at, n, routed = time.monotonic(), 0, []
     while engine.replicas.replicas[1].events.failures == failures:
         if engine.replicas.replicas[0].core.scheduler.num_unfinished < 2:  # replica 0 is never idle
             engine.add_request(f"busy-{n}", _workload()[0][n % 8], params, replica=0)
             n += 1
+        if time.monotonic() - hung_at > engine.replicas.suspect_after_s + 0.5 and len(routed) < 4:
+            # Routed freely, though replica 1 has less work: its step has run too long, so replica 0 gets it.
+            engine.add_request(f"routed-{len(routed)}", _workload()[0][len(routed) + 1], params)
+            routed.append(engine.replicas.owner[f"routed-{len(routed)}"].index)
         engine.step()
         assert time.monotonic() - hung_at < 3 * STEP_TIMEOUT_S, "the hung replica was not found"
     assert time.monotonic() - hung_at >= STEP_TIMEOUT_S * 0.9 and n > 3
+    assert routed == [0, 0, 0, 0], routed
     while engine.has_unfinished_requests():  # the victim finishes on replica 0
         engine.step()
 

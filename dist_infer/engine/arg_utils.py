@@ -47,6 +47,7 @@ class EngineArgs:
     migration_limit: int = 3
     no_replica_timeout_s: float = 120.0
     drain_timeout_s: float = 60.0
+    health_check_period_s: float = 5.0
     # Autoscaling under Ray Serve's names (see AutoscalingConfig); None: not given.
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -165,6 +166,9 @@ class EngineArgs:
             help="seconds a request may wait while no replica can serve it (default 120)")
         add("--drain-timeout", dest="drain_timeout_s", type=float,
             help="seconds a replica leaving on scale-down finishes its requests before moving them (default 60)")
+        add("--health-check-period", dest="health_check_period_s", type=float,
+            help="seconds between pings of an idle replica's workers, which find a dead or hung worker before "
+                 "a request does (default 5)")
         add("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
         add("--max-replicas", type=int, help="autoscaling: most replicas (default: --min-replicas)")
         add("--initial-replicas", type=int, help="autoscaling: replicas at start (default: --min-replicas)")

@@ -155,9 +155,13 @@ class AsyncLLMEngine:
 
         return await self._call(read)
 
-    async def worker_timings(self) -> list[dict]:
-        """Each running worker's compute / wait / uptime seconds (see Worker.timing)."""
-        return await self._call(lambda: self.engine.executor.collective_rpc("timing"))
+    async def worker_timings(self, timeout: float = 5.0) -> list[dict]:
+        """Each running worker's compute / wait / uptime seconds (see Worker.timing); a worker that does not
+        answer within ``timeout`` seconds (hung, or in a long step) is left out rather than waited for: the
+        calls start on the engine thread and are waited for here."""
+        futures = await self._call(lambda: self.engine.executor.start_rpc("timing"))
+        done = await _settled(futures, timeout)
+        return [f.result() for f in futures if f in done and f.exception() is None]
 
     def replica_states(self) -> dict[int, str]:
         """Each replica's state (read from outside the engine thread: a snapshot)."""
@@ -172,41 +176,51 @@ class AsyncLLMEngine:
         return await self._call(run)
 
     async def check_ready(self, timeout: float) -> dict:
-        """Every serving replica's workers answer and a one-token request goes through each of its stages
-        within ``timeout`` seconds. Returns ``{"status": "ready" | "degraded", "replicas": {index: state}}``
-        ("degraded": some replica is failed, rebuilding or starting while others serve); raises, naming what
-        failed, when no replica can serve."""
-        async def canary(replica: int) -> None:
-            params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
-            async for _ in self.generate({"prompt_token_ids": [0]}, params, f"ready-{uuid.uuid4().hex}",
-                                         priority=_CANARY_PRIORITY, replica=replica):
-                pass
-
-        states = self.replica_states()
-        serving = [d for d, state in states.items() if state == "serving"]
-        if not serving:
-            raise RuntimeError(f"no replica is serving (replicas: {_describe(states)})")
-        await asyncio.wait_for(self._call(lambda: self._ping_serving(serving)), timeout)
-        serving = [d for d, state in self.replica_states().items() if state == "serving"]
+        """Every serving replica's workers answer a ping, and a one-token request goes through each of its
+        stages, within ``timeout`` seconds. Returns ``{"status": "ready" | "degraded", "replicas": {index:
+        state}}`` ("degraded": some replica is failed, rebuilding, starting or not answering while others
+        serve); raises, naming what failed, when no replica can serve. The pings start on the engine thread
+        and are waited for here, so a hung worker stalls neither the engine nor the other replicas; one that
+        failed fails its replica (its requests move, it is rebuilt), one that stays silent fails it after
+        the step timeout, as any health check does (``engine.health``)."""
+        deadline = _now() + timeout
+        serving = self._serving()
         if not serving:
             raise RuntimeError(f"no replica is serving (replicas: {_describe(self.replica_states())})")
-        await asyncio.wait_for(asyncio.gather(*(canary(d) for d in serving)), timeout)
+        probes = await self._call(lambda: {d: self.engine.replicas.probe(d) for d in serving})
+
+        async def check(replica: int, pings: list) -> None:
+            done = await _settled(pings, max(0.0, deadline - _now()))
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                self._wakeup.set()  # the engine thread fails the replica now (engine.health)
+                raise errors[0]
+            if len(done) < len(pings):
+                raise TimeoutError(f"replica {replica}: a worker did not answer a ping within {timeout:.0f}s")
+            await self._canary(replica)
+
+        tasks = {d: asyncio.ensure_future(check(d, pings)) for d, pings in probes.items()}
+        done, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - _now()))
+        for task in pending:
+            task.cancel()
+        passed = [d for d, task in tasks.items() if task in done and task.exception() is None]
+        if not passed:
+            why = "; ".join(f"replica {d}: " + (repr(task.exception()) if task in done else "no answer")
+                            for d, task in tasks.items())
+            raise RuntimeError(f"no replica answered and finished a one-token request within {timeout:.0f}s "
+                               f"(replicas: {_describe(self.replica_states())}; {why})")
         states = self.replica_states()
-        degraded = any(state not in ("serving", "stopped") for state in states.values())
+        degraded = len(passed) < len(serving) or any(state not in ("serving", "stopped") for state in states.values())
         return {"status": "degraded" if degraded else "ready", "replicas": states}
 
-    def _ping_serving(self, replicas: list[int]) -> None:
-        """On the engine thread: pings each replica's workers; one whose worker does not answer fails (its
-        requests move, it is rebuilt), as a failed step would make it: an idle replica's dead worker is found."""
-        manager = self.engine.replicas
-        for d in replicas:
-            replica = manager.replicas.get(d)
-            if replica is None or replica.state.value != "serving":
-                continue
-            try:
-                self.engine.executor.collective_rpc("ping", ranks=self.engine.executor.layout.replica_ranks(d))
-            except Exception as e:
-                manager.fail(replica, e)
+    async def _canary(self, replica: int) -> None:
+        params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
+        async for _ in self.generate({"prompt_token_ids": [0]}, params, f"ready-{uuid.uuid4().hex}",
+                                     priority=_CANARY_PRIORITY, replica=replica):
+            pass
+
+    def _serving(self) -> list[int]:
+        return [d for d, state in self.replica_states().items() if state == "serving"]
 
     def get_stats(self):
         return self.engine.get_stats()
@@ -311,3 +325,16 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def _settled(futures: list, timeout: float) -> set:
+    """Waits up to ``timeout`` seconds for ``futures`` (concurrent ones, settled on other threads); the done
+    ones. Those still running are left running: nothing here cancels a worker's call."""
+    if not futures:
+        return set()
+    await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout)
+    return {f for f in futures if f.done()}

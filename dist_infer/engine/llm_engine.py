@@ -173,8 +173,8 @@ class LLMEngine:
 
     def needs_ticks(self) -> bool:
         """Whether ``step()`` has work even with no request: an autoscaling policy to consult (it scales down
-        an idle engine), replicas being built or drained."""
-        return self.replicas.policy is not None or any(
+        an idle engine), replicas being built or drained, idle replicas to health-check."""
+        return self.replicas.policy is not None or self.replicas.isolated or any(
             state in ("starting", "failed", "draining") for state in self.replicas.states().values())
 
     def shutdown(self) -> None:

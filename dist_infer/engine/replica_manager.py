@@ -1,10 +1,12 @@
 """The engine's data-parallel replicas as failure domains: routing, failure, migration, rebuild and scaling.
 
 - **Routing.** A new request goes to a SERVING replica chosen by the router (least outstanding work, prefix
-  affinity, ties spread). With none serving it waits, as an orphan, for up to ``no_replica_timeout_s``.
-- **Failure.** A replica fails when a step of it raises (a worker raised or died) or when its oldest step in
+  affinity, ties spread), passing over one whose oldest step has run a tenth of the step timeout while
+  another has none so old. With none serving it waits, as an orphan, for up to ``no_replica_timeout_s``.
+- **Failure.** A replica fails when a step of it raises (a worker raised or died), when its oldest step in
   flight is older than ``worker_timeout_s`` (a hung worker is found while other replicas keep finishing
-  steps). Its requests, in flight and queued, move to healthy replicas with every token produced so far
+  steps), or when a health check of its idle workers fails or goes unanswered (``engine.health``). Its
+  requests, in flight and queued, move to healthy replicas with every token produced so far
   (``Request.reset_for_migration``): the new replica recomputes prompt + output and samples on from there;
   seeded sampling depends only on (seed, position), so the output is what an undisturbed run gives. A
   request that moved more than ``migration_limit`` times, or found no replica for ``no_replica_timeout_s``,
@@ -22,12 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from dist_infer.config import EngineConfig
 from dist_infer.engine.autoscaling import AutoscalingPolicy
 from dist_infer.engine.dp_router import DataParallelRouter
 from dist_infer.engine.engine_core import EngineCore
+from dist_infer.engine.health import HealthChecker
 from dist_infer.engine.messages import EngineCoreOutput
 from dist_infer.engine.replica import Replica, ReplicaState
 from dist_infer.engine.replica_supervisor import ReplicaSupervisor
@@ -49,6 +52,7 @@ class ReplicaManager:
         rc = config.replica_config
         self.replica_config = rc
         self.step_timeout_s = config.parallel_config.worker_timeout_s
+        self.suspect_after_s = max(1.0, self.step_timeout_s / 10)
         self.replicas: dict[int, Replica] = {}
         for d in range(config.parallel_config.data_parallel_size):
             self.replicas[d] = Replica(d, ReplicaState.SERVING, EngineCore(config, num_blocks, d, executors))
@@ -56,6 +60,8 @@ class ReplicaManager:
         self.router = DataParallelRouter(config.cache_config.block_size)
         self.supervisor = ReplicaSupervisor(executors, num_blocks, rc.max_replica_restarts,
                                             rc.replica_restart_backoff_s, on_change)
+        self.health = HealthChecker(executors, rc.health_check_period_s, self.step_timeout_s,
+                                    on_change or (lambda: None))
         self.policy = AutoscalingPolicy(rc.autoscaling) if rc.autoscaling.enabled else None
         self.orphans: OrderedDict[str, tuple[Request, float]] = OrderedDict()  # waiting for any replica
         self.failed_requests: list[tuple[str, str]] = []  # (request id, why) to end with an error
@@ -92,7 +98,12 @@ class ReplicaManager:
         serving = self.serving()
         if not serving:
             return None
-        loads = {r.index: r.core.scheduler.outstanding_work() for r in serving}
+        # A replica whose oldest step has run far longer than steps do may be hanging: new requests go to the
+        # others while any looks healthy (it fails, and its requests move, once the step timeout passes).
+        now = time.monotonic()
+        responsive = [r for r in serving if r.core.oldest_started is None
+                      or now - r.core.oldest_started < self.suspect_after_s]
+        loads = {r.index: r.core.scheduler.outstanding_work() for r in responsive or serving}
         return self.replicas[self.router.route(request.token_ids, loads)]
 
     def finish(self, request_id: str, status: RequestStatus) -> None:
@@ -116,6 +127,7 @@ class ReplicaManager:
         """Applies finished rebuilds and scaling, starts steps on every replica that runs, waits (bounded by
         each replica's step timeout) for the first to return; fails the replicas that raised or hung."""
         self._apply_builds()
+        self._check_health()
         self._autoscale()
         self._place_orphans()
         self._expire_orphans()
@@ -157,9 +169,19 @@ class ReplicaManager:
         return ready
 
     # ---- failure and migration -------------------------------------------------------------------------
-    def fail(self, replica: Replica, error: BaseException) -> None:
-        """Fails ``replica`` from outside a step (its worker did not answer a health check)."""
-        self._fail(replica, error)
+    def probe(self, index: int) -> list[Future]:
+        """Starts a health check of serving replica ``index`` now; its pings' futures, to wait for off the
+        engine thread (a failed or silent one fails the replica on a later step, as any health check does)."""
+        replica = self.replicas.get(index)
+        if replica is None or replica.state != ReplicaState.SERVING:
+            return []
+        return self.health.probe(replica)
+
+    def _check_health(self) -> None:
+        if not self.isolated:  # one launch for every replica: a dead worker shows in the next step
+            return
+        for replica, error in self.health.tick(list(self.replicas.values()), time.monotonic(), periodic=True):
+            self._fail(replica, error)
 
     def _fail(self, replica: Replica, error: BaseException) -> None:
         if not self.isolated:

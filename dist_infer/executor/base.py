@@ -57,6 +57,24 @@ class Executor(ABC):
                        ranks: list[int] | None = None) -> list:
         """Calls ``method`` on the given workers (default: all); their results in rank order."""
 
+    def start_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
+                  ranks: list[int] | None = None) -> list[Future]:
+        """Starts ``method`` on the given workers without waiting for them: one future per worker, in rank
+        order. Executors whose calls run on the caller's thread (uni, torchrun) run it here and return
+        settled futures."""
+        try:
+            results = self.collective_rpc(method, args, kwargs, ranks)
+        except Exception as e:
+            failed: Future = Future()
+            failed.set_exception(e)
+            return [failed] * max(1, len(ranks or ()))
+        settled = []
+        for result in results:
+            future: Future = Future()
+            future.set_result(result)
+            settled.append(future)
+        return settled
+
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
         """Starts one step on a replica; the future holds what its sampling rank returned."""

@@ -75,8 +75,13 @@ class DistributedExecutor(Executor):
     def collective_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list:
         ranks = list(self.ranks) if ranks is None else list(ranks)
-        futures = [self.handles[r].call(method, args, kwargs or {}) for r in ranks]
+        futures = self.start_rpc(method, args, kwargs, ranks)
         return self.wait_all(futures, ranks, method if isinstance(method, str) else method.__name__)
+
+    def start_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
+                  ranks: list[int] | None = None) -> list[Future]:
+        ranks = list(self.ranks) if ranks is None else list(ranks)
+        return [self.handles[r].call(method, args, kwargs or {}) for r in ranks]
 
     def wait_all(self, futures: list[Future], ranks: list[int], what: str, timeout: float | None = None) -> list:
         """The futures' results in order; the first failure, or a WorkerError naming the silent ranks after

@@ -99,6 +99,24 @@ class ExecutorGroup(Executor):
                        ranks: list[int] | None = None) -> list:
         if self._shared is not None:
             return self._shared.collective_rpc(method, args, kwargs, ranks)
+        ranks, parts = self._split(ranks)
+        results = {}
+        for executor, rs in parts:
+            results.update(zip(rs, executor.collective_rpc(method, args, kwargs, rs)))
+        return [results[r] for r in ranks]
+
+    def start_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
+                  ranks: list[int] | None = None) -> list[Future]:
+        if self._shared is not None:
+            return self._shared.start_rpc(method, args, kwargs, ranks)
+        ranks, parts = self._split(ranks)
+        futures = {}
+        for executor, rs in parts:
+            futures.update(zip(rs, executor.start_rpc(method, args, kwargs, rs)))
+        return [futures[r] for r in ranks]
+
+    def _split(self, ranks: list[int] | None) -> tuple[list[int], list[tuple[Executor, list[int]]]]:
+        """``ranks`` (default: every running worker's) and, per replica executor, the ones it holds."""
         with self._lock:
             executors = dict(self._executors)
         size = self.layout.replica_size
@@ -109,10 +127,7 @@ class ExecutorGroup(Executor):
             if r // size not in executors:
                 raise ValueError(f"rank {r} belongs to replica {r // size}, which is not running")
             by_replica.setdefault(r // size, []).append(r)
-        results = {}
-        for d, rs in by_replica.items():
-            results.update(zip(rs, executors[d].collective_rpc(method, args, kwargs, rs)))
-        return [results[r] for r in ranks]
+        return list(ranks), [(executors[d], rs) for d, rs in by_replica.items()]
 
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
         return self.executor_of(replica).execute_model(scheduler_output, replica)
