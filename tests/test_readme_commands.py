@@ -35,9 +35,32 @@ def test_the_readme_shows_the_main_layouts():
     assert len(shown) >= 5, shown
 
 
+@pytest.fixture(scope="module")
+def run_command(default_model_path):
+    """Runs a README command once per module (the layout comparison below reuses the answers)."""
+    answers: dict[tuple[str, ...], subprocess.CompletedProcess] = {}
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
+        if tuple(argv) not in answers:
+            answers[tuple(argv)] = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        return answers[tuple(argv)]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda argv: " ".join(argv[1:])[:60])
-def test_readme_command_runs_as_written(argv, default_model_path):
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+def test_readme_command_runs_as_written(argv, run_command):
+    result = run_command(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_every_layout_the_readme_shows_answers_alike(run_command):
+    """The README's layouts (mp tensor and pipeline parallel with replicas, Ray, torchrun) answer the same
+    greedy prompt with the same text on the default model (9 heads, 3 KV heads: tp=3 splits them)."""
+    same_prompt = [argv for argv in readme_commands() if argv[-1] == "Hello" and "--temperature" not in argv]
+    assert len(same_prompt) >= 4 and any("ray" in argv for argv in same_prompt), same_prompt
+    answers = {" ".join(argv): run_command(argv).stdout.strip() for argv in same_prompt}
+    assert len(set(answers.values())) == 1 and all(answers.values()), answers

@@ -52,7 +52,7 @@ def workload(model: str) -> list[dict]:
     bodies = []
     for i in range(NUM_REQUESTS):
         prompt = f"Request {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
-        body = {"model": model, "prompt": prompt, "max_tokens": rng.randint(24, 48), "ignore_eos": True,
+        body = {"model": model, "prompt": prompt, "max_tokens": rng.randint(16, 32), "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         body.update({"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "top_p": 0.9, "seed": 1000 + i})
         bodies.append(body)
