@@ -34,10 +34,10 @@ class SamplingParams:
     Penalties and limits (vLLM's names and OpenAI's semantics): ``presence_penalty`` is subtracted from the
     logit of every token that occurs in the output so far, ``frequency_penalty`` times its count there
     (both over generated tokens only, in [-2, 2]); ``min_tokens`` keeps EOS and ``stop_token_ids`` out until
-    that many tokens were generated; ``logit_bias`` adds a bias in [-100, 100] to the given token ids' logits;
-    ``allowed_token_ids`` restricts sampling to those ids; ``bad_words`` are strings never generated (each
-    word's token sequence is blocked at its last token; the engine tokenizes them into
-    ``bad_words_token_ids``). ``prompt_logprobs=N`` returns, for every prompt token after the first, its
+    that many tokens were generated (and a stop string must end after their text); ``logit_bias`` adds a bias
+    in [-100, 100] to the given token ids' logits; ``allowed_token_ids`` restricts sampling to those ids;
+    ``bad_words`` are strings never generated (each word's token sequence is blocked at its last token; the
+    engine tokenizes them into ``bad_words_token_ids``). ``prompt_logprobs=N`` returns, for every prompt token after the first, its
     log-probability and those of the N most likely tokens at its position (``RequestOutput.prompt_logprobs``,
     ``None`` for the first token).
 

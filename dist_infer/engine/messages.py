@@ -20,6 +20,10 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # The original prompt's length, also when ``token_ids`` holds outputs (resent after a migration): the
+    # workers count only the tokens after it as generated (penalties, bad words, min_tokens).
+    num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...]  # the request's EOS ids (none with ignore_eos), held back until min_tokens
 
 
 @dataclass

@@ -85,7 +85,7 @@ class OutputProcessor:
                     state.cumulative_logprob += lp.sampled_logprob
             finish_reason, stop_reason = core.finish_reason, core.stop_reason
             if state.detokenizer is not None:
-                hit = self._append_text(state, state.detokenizer.step(core.new_token_ids))
+                hit = self._detokenize(state, core.new_token_ids)
                 if hit is not None:
                     if finish_reason is None:  # the engine core still holds it
                         stopped.append(core.req_id)
@@ -99,9 +99,19 @@ class OutputProcessor:
             results.append(self._make_output(state, finish_reason, stop_reason, finished))
         return results, stopped
 
+    def _detokenize(self, state: RequestState, new_token_ids: list[int]) -> str | None:
+        """Appends the new tokens' text; returns the stop string it completed, if any. The text of the first
+        ``min_tokens`` output tokens cannot complete one (vLLM: a stop string must end after it)."""
+        before = len(state.token_ids) - len(new_token_ids)  # outputs before these (token_ids has them)
+        held = min(len(new_token_ids), max(0, state.params.min_tokens - before))
+        if held:  # added unsearched; each search below starts where a stop string would end past it
+            state.text += state.detokenizer.step(new_token_ids[:held])
+        return self._append_text(state, state.detokenizer.step(new_token_ids[held:]))
+
     @staticmethod
     def _append_text(state: RequestState, delta: str) -> str | None:
-        """Adds ``delta``; when it completes a stop string, cuts the text there and returns that string."""
+        """Adds ``delta``; when it completes a stop string (one that ends inside ``delta``), cuts the text there
+        and returns that string."""
         params = state.params
         if not delta:
             return None
@@ -109,10 +119,9 @@ class OutputProcessor:
         state.text += delta
         if not params.stop_strings:
             return None
-        search_from = max(0, previous - state.max_stop_len + 1)
         best = None
         for stop in params.stop_strings:
-            at = state.text.find(stop, search_from)
+            at = state.text.find(stop, max(0, previous - len(stop) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:
@@ -150,5 +159,5 @@ class OutputProcessor:
             logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=finish_reason, stop_reason=stop_reason,
         )
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
-                             state.num_cached_tokens, state.metrics)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs=[completion],
+                             finished=finished, num_cached_tokens=state.num_cached_tokens, metrics=state.metrics)

@@ -83,11 +83,14 @@ class Request:
         self.token_ids.append(token_id)
 
     def check_stop(self) -> bool:
-        """Token-level stop conditions after a new token; sets the status and returns True when finished."""
+        """Token-level stop conditions after a new token; sets the status and returns True when finished.
+        EOS and ``stop_token_ids`` count only once ``min_tokens`` tokens were generated (the workers keep them
+        out before; this guards the engine's side as vLLM does)."""
         last = self.token_ids[-1]
-        if last in self.eos_token_ids:
+        stops = self.num_output_tokens >= self.sampling_params.min_tokens
+        if stops and last in self.eos_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
-        elif last in self.stop_token_ids:
+        elif stops and last in self.stop_token_ids:
             self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
         elif self.num_output_tokens >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH

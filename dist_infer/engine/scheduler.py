@@ -202,7 +202,7 @@ class Scheduler:
             if request.status == RequestStatus.WAITING:
                 out.new_requests.append(NewRequestData(
                     request_id, list(request.token_ids), request.sampling_params, new_blocks[request_id],
-                    request.num_computed_tokens))
+                    request.num_computed_tokens, request.num_prompt_tokens, tuple(sorted(request.eos_token_ids))))
             else:
                 resumed = request_id in admitted_ids  # a preempted request back from the waiting queue
                 out.cached_requests.append(CachedRequestData(

@@ -58,8 +58,7 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
         for new in sched.new_requests:
-            self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+            self.requests[new.req_id] = CachedRequestState.from_new(new)
             # Blocks before num_computed_tokens are prefix-cache hits (whole blocks), the rest are to be written.
             self.kv_store.prepare_blocks(new.block_ids, new.num_computed_tokens // self.block_size)
         for cached in sched.cached_requests:
