@@ -150,5 +150,5 @@ class OutputProcessor:
             logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=finish_reason, stop_reason=stop_reason,
         )
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
-                             state.num_cached_tokens, state.metrics)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs=[completion],
+                             finished=finished, num_cached_tokens=state.num_cached_tokens, metrics=state.metrics)
