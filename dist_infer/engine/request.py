@@ -48,6 +48,9 @@ class Request:
         self.num_tokens_sent = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_migrations = 0  # times it moved to another replica
+        # With prompt_logprobs: the first prompt position whose logprobs the engine has not received yet
+        # (position 0 has none). It survives preemption and migration, so no position is reported twice.
+        self.prompt_logprobs_next = 1
 
     def reset_for_migration(self, counted: bool = True) -> None:
         """Makes it a new request for another replica, holding every token so far: that replica computes

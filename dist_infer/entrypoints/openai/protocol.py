@@ -163,7 +163,7 @@ class _SamplingFields(_Refusing):
 class CompletionRequest(_SamplingFields):
     refused_fields: ClassVar[frozenset[str]] = frozenset(REFUSED) - _CHAT_ONLY_REFUSED
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt alone
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None

@@ -29,6 +29,12 @@ from dataclasses import dataclass, field
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine
 from dist_infer.entrypoints.chat_utils import chat_prompt
 from dist_infer.entrypoints.openai.admission import Admission, Reservation
+from dist_infer.entrypoints.openai.completion_logprobs import (
+    drop_generated,
+    echoed_logprobs,
+    engine_max_tokens,
+    with_prompt_logprobs,
+)
 from dist_infer.entrypoints.openai.errors import OpenAIError
 from dist_infer.entrypoints.openai.formatting import chat_logprobs, completion_logprobs, usage
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -208,13 +214,16 @@ class OpenAIServing:
     # ---- /v1/completions ---------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, record=None):
         self.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise OpenAIError(400, "max_tokens=0 needs echo=true (it scores the prompt only)", param="max_tokens")
+        score_only, scored_prompt = req.max_tokens == 0, req.echo and req.logprobs is not None
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
         prompts = _completion_prompts(req.prompt)
         self.check_prompt_count(len(prompts))
-        choices = self._choices(prompts, req, req.max_tokens, req.logprobs, req.stream, "cmpl")
+        choices = self._choices(prompts, req, engine_max_tokens(req.max_tokens), req.logprobs, req.stream, "cmpl")
+        for c in choices if scored_prompt else ():
+            c.params = with_prompt_logprobs(c.params, req.logprobs)
         reservation = self.admission.reserve(len(choices))
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         tokenizer = self.engine.tokenizer
@@ -225,19 +234,26 @@ class OpenAIServing:
 
         self._note_prompts(record, choices, req.n, prompt_texts)
 
-        def logprobs_of(token_ids, logprobs, offset):
+        def logprobs_of(token_ids, logprobs, offset, prompt=None, prompt_logprobs=None):
             if req.logprobs is None:
                 return None
-            return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
+            completion = completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
+            if prompt is None:
+                return completion
+            return echoed_logprobs(prompt["prompt_token_ids"], prompt_logprobs, req.logprobs, tokenizer, completion)
 
         if not req.stream:
             await self._collect(choices, req.priority, reservation, record)
+            for c in choices if score_only else ():
+                drop_generated(c)
             body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": self._usage(choices, req.n)}
             for c in choices:
                 prefix = (c.prompt["prompt"] or tokenizer.decode(c.prompt["prompt_token_ids"])) if req.echo else ""
+                prompt_lps = c.output.prompt_logprobs if c.output is not None else None
                 body["choices"].append({"index": c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                                        "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix))})
+                                        "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix),
+                                                                c.prompt if scored_prompt else None, prompt_lps)})
             return body
 
         async def pieces():
@@ -245,12 +261,19 @@ class OpenAIServing:
             async for choice, out in self._events(choices, req.priority, reservation):
                 offset = len(choice.text)
                 text, token_ids, logprobs = self._absorb(choice, out)
-                if req.echo and choice.index not in echoed:
-                    echoed.add(choice.index)
-                    text = (choice.prompt["prompt"] or tokenizer.decode(choice.prompt["prompt_token_ids"])) + text
+                if score_only:
+                    text, token_ids, logprobs = drop_generated(choice)
+                prompt = None
+                if req.echo:
+                    prefix = choice.prompt["prompt"] or tokenizer.decode(choice.prompt["prompt_token_ids"])
+                    offset += len(prefix)
+                    if choice.index not in echoed:
+                        echoed.add(choice.index)
+                        text, prompt = prefix + text, (choice.prompt if scored_prompt else None)
                 chunk = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                          "choices": [{"index": choice.index, "text": text, "finish_reason": choice.finish_reason,
-                                      "logprobs": logprobs_of(token_ids, logprobs, offset)}]}
+                                      "logprobs": logprobs_of(token_ids, logprobs, offset, prompt,
+                                                              out.prompt_logprobs)}]}
                 yield _sse(self._with_usage(chunk, choice, req.continuous_usage))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": response_id, "object": "text_completion", "created": created,
