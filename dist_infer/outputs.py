@@ -36,6 +36,9 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    # With ``SamplingParams.prompt_logprobs``: per prompt token, its logprob and the top ones at its position
+    # (``None`` for the first token, which nothing predicts).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

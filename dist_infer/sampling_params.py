@@ -31,6 +31,16 @@ class SamplingParams:
     (the stop string is cut from the text unless ``include_stop_str_in_output``). ``logprobs=N`` returns the
     log-probabilities of the N most likely tokens and of the chosen one at every step.
 
+    Penalties and limits (vLLM's names and OpenAI's semantics): ``presence_penalty`` is subtracted from the
+    logit of every token that occurs in the output so far, ``frequency_penalty`` times its count there
+    (both over generated tokens only, in [-2, 2]); ``min_tokens`` keeps EOS and ``stop_token_ids`` out until
+    that many tokens were generated (and a stop string must end after their text); ``logit_bias`` adds a bias
+    in [-100, 100] to the given token ids' logits; ``allowed_token_ids`` restricts sampling to those ids;
+    ``bad_words`` are strings never generated (each word's token sequence is blocked at its last token; the
+    engine tokenizes them into ``bad_words_token_ids``). ``prompt_logprobs=N`` returns, for every prompt token after the first, its
+    log-probability and those of the N most likely tokens at its position (``RequestOutput.prompt_logprobs``,
+    ``None`` for the first token).
+
     ``output_kind`` chooses what streamed outputs carry: the whole text so far (``CUMULATIVE``), only the new
     text and tokens (``DELTA``), or nothing until the request finishes (``FINAL_ONLY``).
     """
@@ -48,9 +58,19 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__.
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
+    # Filled in by the engine from ``bad_words`` (its tokenizer): one token-id sequence per word variant.
+    bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, low=0.0)
@@ -82,6 +102,35 @@ class SamplingParams:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must hold non-negative ints, got {t!r}")
         self.stop_token_ids = ids
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name), low=-2.0, high=2.0)
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                token = _token_id("logit_bias", token)
+                _check_number(f"logit_bias[{token}]", value, low=-100.0, high=100.0)
+                bias[token] = float(value)
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            ids = [_token_id("allowed_token_ids", t) for t in self.allowed_token_ids]
+            if not ids:
+                raise ValueError("allowed_token_ids must not be empty (no token could be generated)")
+            self.allowed_token_ids = ids
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+            for w in words:
+                if not isinstance(w, str) or not w.strip():
+                    raise ValueError(f"bad_words must hold non-empty strings, got {w!r}")
+            self.bad_words = words
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs must be an int >= 0 or None, got {self.prompt_logprobs!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
@@ -97,3 +146,12 @@ def _check_number(name: str, value, low: float | None = None, high: float | None
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def _token_id(name: str, value) -> int:
+    """A token id given as an int or, as JSON object keys arrive, a string of digits."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must hold non-negative token ids, got {value!r}")
+    return value

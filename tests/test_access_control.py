@@ -62,7 +62,7 @@ PROBES = sorted(set(_app_routes()) | {
 
 def test_the_probe_list_covers_every_route():
     assert {"/health", "/ready", "/metrics", "/openapi.json", "/v1/models", "/v1/completions",
-            "/v1/chat/completions"} <= ROUTE_TEMPLATES
+            "/v1/chat/completions", "/tokenize", "/detokenize", "/version"} <= ROUTE_TEMPLATES
     assert {p for _, p in PROBES} >= ROUTE_TEMPLATES
 
 

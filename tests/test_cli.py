@@ -42,6 +42,9 @@ def test_stream_prints_the_same_text(tiny_llama_with_tokenizer):
 
 @pytest.mark.parametrize("args,needle", [
     (["generate", "--temperature", "-1", "hi"], "temperature"),
+    (["generate", "--presence-penalty", "3", "hi"], "presence_penalty"),
+    (["generate", "--frequency-penalty", "-2.5", "hi"], "frequency_penalty"),
+    (["generate", "--min-tokens", "300", "hi"], "min_tokens"),
     (["generate", "--model", "/no/such/model", "hi"], "model path not found"),
     (["convert", "/no/such.gguf", "out"], "GGUF file not found"),
 ])

@@ -38,15 +38,15 @@ MALFORMED = [
     (CHAT, {**GOOD_CHAT, "n": 10**6}, 400), (CHAT, {**GOOD_CHAT, "seed": 10**40}, 400),
     (CHAT, {**GOOD_CHAT, "stop": [""]}, 400), (CHAT, {**GOOD_CHAT, "stop": ["x"] * 100}, 400),
     (CHAT, {**GOOD_CHAT, "logprobs": True, "top_logprobs": 99}, 400),
-    (CHAT, {**GOOD_CHAT, "model": "no-such-model"}, 404), (CHAT, {**GOOD_CHAT, "unknown_field": 1}, 400),
-    (CHAT, {**GOOD_CHAT, "stream": "yes"}, 400), (CHAT, {**GOOD_CHAT, "frequency_penalty": 1.0}, 400),
+    (CHAT, {**GOOD_CHAT, "model": "no-such-model"}, 404), (CHAT, {**GOOD_CHAT, "tools": [{"type": "function"}]}, 400),
+    (CHAT, {**GOOD_CHAT, "stream": "yes"}, 400), (CHAT, {**GOOD_CHAT, "frequency_penalty": 5.0}, 400),
     (CHAT, {**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 400),
     (CMPL, {"model": MODEL}, 400), (CMPL, {"model": MODEL, "prompt": []}, 400),
     (CMPL, {"model": MODEL, "prompt": [[]]}, 400), (CMPL, {"model": MODEL, "prompt": [10**9]}, 400),
     (CMPL, {"model": MODEL, "prompt": -3}, 400), (CMPL, {"model": MODEL, "prompt": "x" * 20000, "max_tokens": 5}, 400),
     (CMPL, {"model": MODEL, "prompt": "x", "max_tokens": 2048}, 400),
     (CMPL, {"model": MODEL, "prompt": "x", "logprobs": 50}, 400),
-    (CMPL, {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400),
+    (CMPL, {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400),  # scoring only the prompt needs echo
     (CMPL, {"model": MODEL, "prompt": {"a": 1}}, 400), (CMPL, b"x" * (2 << 20), 413),
     # hostile: nesting that overflows a recursive parser, and lone surrogates the tokenizer cannot take
     (CMPL, b"[" * 100_000 + b"]" * 100_000, 400),

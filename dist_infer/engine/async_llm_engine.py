@@ -87,6 +87,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def model_config(self):
+        """The served model's settings (``max_model_len``, ``vocab_size``), for the server's checks and replies."""
+        return self.engine.config.model_config
+
+    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._error is None and not self._stopping
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dist_infer.config import ModelConfig
 from dist_infer.sampling_params import SamplingParams
@@ -13,6 +13,7 @@ class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
     max_tokens: int
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # for SamplingParams.bad_words_token_ids
 
 
 class InputProcessor:
@@ -34,6 +35,15 @@ class InputProcessor:
                 f"stop={list(params.stop_strings)!r} needs a tokenizer, but this engine was built with "
                 f"skip_tokenizer_init=True; use stop_token_ids instead"
             )
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError(
+                f"bad_words={params.bad_words!r} needs a tokenizer, but this engine was built with "
+                f"skip_tokenizer_init=True; use logit_bias with -100 or allowed_token_ids instead"
+            )
+        for name, tokens in (("allowed_token_ids", params.allowed_token_ids), ("logit_bias", params.logit_bias)):
+            out = next((t for t in tokens or () if t >= vocab), None)
+            if out is not None:
+                raise ValueError(f"{name} holds token id {out}, outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size ({vocab})")
         limit = self.model_config.max_model_len
@@ -50,7 +60,18 @@ class InputProcessor:
                 f"max_tokens={max_tokens} with a {len(ids)}-token prompt exceeds the model's context "
                 f"(max_model_len={limit}); lower max_tokens to at most {limit - len(ids)}"
             )
-        return ProcessedPrompt(text, list(ids), max_tokens)
+        return ProcessedPrompt(text, list(ids), max_tokens, self._bad_words(params))
+
+    def _bad_words(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word's token ids, as vLLM: tokenized as given (without its leading spaces) and after a
+        space, since most tokenizers spell a word inside a text differently from one at its start."""
+        sequences: list[list[int]] = []
+        for word in params.bad_words or ():
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def _tokens(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -69,14 +69,18 @@ class KVCacheManager:
         """Keys of the full blocks among the first ``num_tokens`` tokens, computed once per block."""
         return block_keys(token_ids, num_tokens, self.block_size, self._keys.setdefault(request_id, []))
 
-    def get_computed_blocks(self, request_id: str, token_ids: list[int]) -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, request_id: str, token_ids: list[int],
+                            max_tokens: int | None = None) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of full blocks, and how many tokens it covers.
 
-        At least one token is always left to compute, since the model must run on the last one to sample."""
-        if not self.pool.enable_caching:
+        At least one token is always left to compute, since the model must run on the last one to sample.
+        ``max_tokens`` caps the prefix (a request that still needs the hidden states of its later tokens: prompt
+        logprobs); with 0 nothing is looked up."""
+        limit = len(token_ids) - 1 if max_tokens is None else min(max_tokens, len(token_ids) - 1)
+        if not self.pool.enable_caching or limit < self.block_size:
             return [], 0
         hits = []
-        for key in self._block_keys(request_id, token_ids, len(token_ids) - 1):
+        for key in self._block_keys(request_id, token_ids, limit):
             block = self.pool.lookup(key)
             if block is None:
                 break

@@ -7,6 +7,7 @@ outputs of all replicas merge into one stream.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,11 @@ class LLMEngine:
         processed = self.input_processor.process(prompt, params)
         if self.replicas.is_known(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if processed.bad_words_token_ids:
+            # A copy: the caller's object may serve other requests. Filled here, after any dataclasses.replace
+            # (which would reset this init=False field).
+            params = copy.copy(params)
+            params.bad_words_token_ids = processed.bad_words_token_ids
         request = Request(request_id, processed.prompt_token_ids, params, self.eos_token_ids,
                           processed.max_tokens, priority)
         self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,

@@ -2,6 +2,10 @@
 
 Workers keep each request's state; after the first step they receive only what changed (tokens appended,
 blocks added), never the whole request again.
+
+Prompt logprobs: the scheduler names, per step, which prompt positions each request asking for them has scored
+(``SchedulerOutput.prompt_logprob_spans``); the last stage's sampling rank returns one ``PromptLogprobs`` chunk
+per such request (``ModelRunnerOutput.prompt_logprobs``), and the output processor joins the chunks in order.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # The original prompt's length, also when ``token_ids`` holds outputs (resent after a migration): the
+    # workers count only the tokens after it as generated (penalties, bad words, min_tokens).
+    num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...]  # the request's EOS ids (none with ignore_eos), held back until min_tokens
 
 
 @dataclass
@@ -41,6 +49,9 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)
+    # Prompt positions [lo, hi) whose logprobs a request gets from this step's rows (lo >= 1: position 0 has no
+    # logprob). Position j is scored from the row of token j - 1, so [lo - 1, hi - 1) lies in this step's chunk.
+    prompt_logprob_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -58,11 +69,26 @@ class TokenLogprobs:
 
 
 @dataclass
+class PromptLogprobs:
+    """Log-probabilities of prompt positions ``start .. start + len(logprobs) - 1`` of one request, from one step:
+    per position the actual prompt token's logprob and rank (1 = most likely) and the top-k ids and logprobs
+    (k = its ``prompt_logprobs``; empty lists for k = 0), most likely first."""
+
+    start: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the requests whose sequence reached its end (others computed a chunk)."""
+    """Tokens sampled this step, for the requests whose sequence reached its end (others computed a chunk), and
+    the prompt logprobs of the spans the scheduler asked for."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,3 +101,4 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # a chunk of prompt logprobs (new_token_ids may be empty)

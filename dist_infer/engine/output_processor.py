@@ -1,4 +1,9 @@
-"""Turns the engine core's new tokens into ``RequestOutput``s: text, stop strings, logprobs, timings."""
+"""Turns the engine core's new tokens into ``RequestOutput``s: text, stop strings, logprobs, timings.
+
+Prompt logprobs arrive in chunks, one per step that computed part of the prompt, in prompt order; they are
+joined here (a position already held is not added again) and handed out with the first token: in every output
+of a cumulative or final-only request, in the first output of a delta one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from dist_infer.engine.detokenizer import IncrementalDetokenizer
-from dist_infer.engine.messages import EngineCoreOutput, TokenLogprobs
+from dist_infer.engine.messages import EngineCoreOutput, PromptLogprobs, TokenLogprobs
 from dist_infer.engine.stats import RequestMetrics
 from dist_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
@@ -25,9 +30,12 @@ class RequestState:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     num_cached_tokens: int = 0
+    # With prompt_logprobs: one entry per prompt token received so far (None for the first).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # What earlier DELTA outputs already carried.
     sent_tokens: int = 0
     sent_chars: int = 0
+    sent_prompt_logprobs: bool = False
 
     @property
     def max_stop_len(self) -> int:
@@ -48,6 +56,8 @@ class OutputProcessor:
         state = RequestState(request_id, prompt, prompt_token_ids, params, detok, metrics)
         if params.logprobs is not None:
             state.logprobs, state.cumulative_logprob = [], 0.0
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
         self.requests[request_id] = state
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -76,6 +86,10 @@ class OutputProcessor:
             state = self.requests.get(core.req_id)
             if state is None:
                 continue
+            if core.prompt_logprobs is not None and state.prompt_logprobs is not None:
+                self._add_prompt_logprobs(state, core.prompt_logprobs)
+            if not core.new_token_ids and core.finish_reason is None:
+                continue  # only a prompt chunk's logprobs: nothing to hand out before the first token
             state.metrics.record_tokens(now)
             state.num_cached_tokens = core.num_cached_tokens
             state.token_ids.extend(core.new_token_ids)
@@ -85,7 +99,7 @@ class OutputProcessor:
                     state.cumulative_logprob += lp.sampled_logprob
             finish_reason, stop_reason = core.finish_reason, core.stop_reason
             if state.detokenizer is not None:
-                hit = self._append_text(state, state.detokenizer.step(core.new_token_ids))
+                hit = self._detokenize(state, core.new_token_ids)
                 if hit is not None:
                     if finish_reason is None:  # the engine core still holds it
                         stopped.append(core.req_id)
@@ -99,9 +113,19 @@ class OutputProcessor:
             results.append(self._make_output(state, finish_reason, stop_reason, finished))
         return results, stopped
 
+    def _detokenize(self, state: RequestState, new_token_ids: list[int]) -> str | None:
+        """Appends the new tokens' text; returns the stop string it completed, if any. The text of the first
+        ``min_tokens`` output tokens cannot complete one (vLLM: a stop string must end after it)."""
+        before = len(state.token_ids) - len(new_token_ids)  # outputs before these (token_ids has them)
+        held = min(len(new_token_ids), max(0, state.params.min_tokens - before))
+        if held:  # added unsearched; each search below starts where a stop string would end past it
+            state.text += state.detokenizer.step(new_token_ids[:held])
+        return self._append_text(state, state.detokenizer.step(new_token_ids[held:]))
+
     @staticmethod
     def _append_text(state: RequestState, delta: str) -> str | None:
-        """Adds ``delta``; when it completes a stop string, cuts the text there and returns that string."""
+        """Adds ``delta``; when it completes a stop string (one that ends inside ``delta``), cuts the text there
+        and returns that string."""
         params = state.params
         if not delta:
             return None
@@ -109,10 +133,9 @@ class OutputProcessor:
         state.text += delta
         if not params.stop_strings:
             return None
-        search_from = max(0, previous - state.max_stop_len + 1)
         best = None
         for stop in params.stop_strings:
-            at = state.text.find(stop, search_from)
+            at = state.text.find(stop, max(0, previous - len(stop) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:
@@ -120,6 +143,16 @@ class OutputProcessor:
         at, stop = best
         state.text = state.text[: at + len(stop) if params.include_stop_str_in_output else at]
         return stop
+
+    def _add_prompt_logprobs(self, state: RequestState, chunk: PromptLogprobs) -> None:
+        have = len(state.prompt_logprobs)
+        if chunk.start > have:
+            raise RuntimeError(f"request {state.request_id}: prompt logprobs from position {chunk.start} arrived "
+                               f"before those of position {have}")
+        for i in range(have - chunk.start, len(chunk.logprobs)):
+            token = state.prompt_token_ids[chunk.start + i]
+            state.prompt_logprobs.append(self._logprob_dict(token, TokenLogprobs(
+                chunk.logprobs[i], chunk.ranks[i], chunk.top_ids[i], chunk.top_logprobs[i])))
 
     def _logprob_dict(self, token: int, lp: TokenLogprobs) -> dict[int, Logprob]:
         ids = list(lp.top_ids)
@@ -138,8 +171,11 @@ class OutputProcessor:
         if not finished and state.params.stop_strings:
             # Hold back what could still turn out to be the start of a stop string.
             text = text[: max(0, len(text) - state.max_stop_len + 1)]
-        token_ids, logprobs = state.token_ids, state.logprobs
+        token_ids, logprobs, prompt_logprobs = state.token_ids, state.logprobs, state.prompt_logprobs
         if state.params.output_kind == RequestOutputKind.DELTA:
+            if state.sent_prompt_logprobs:
+                prompt_logprobs = None
+            state.sent_prompt_logprobs = True
             text, token_ids = text[state.sent_chars:], token_ids[state.sent_tokens:]
             logprobs = logprobs[state.sent_tokens:] if logprobs is not None else None
             state.sent_chars += len(text)
@@ -150,5 +186,7 @@ class OutputProcessor:
             logprobs=list(logprobs) if logprobs is not None else None,
             finish_reason=finish_reason, stop_reason=stop_reason,
         )
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
-                             state.num_cached_tokens, state.metrics)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
+                             prompt_logprobs=list(prompt_logprobs) if prompt_logprobs is not None else None,
+                             outputs=[completion], finished=finished, num_cached_tokens=state.num_cached_tokens,
+                             metrics=state.metrics)

@@ -48,6 +48,9 @@ class Request:
         self.num_tokens_sent = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_migrations = 0  # times it moved to another replica
+        # With prompt_logprobs: the first prompt position whose logprobs the engine has not received yet
+        # (position 0 has none). It survives preemption and migration, so no position is reported twice.
+        self.prompt_logprobs_next = 1
 
     def reset_for_migration(self, counted: bool = True) -> None:
         """Makes it a new request for another replica, holding every token so far: that replica computes
@@ -83,11 +86,14 @@ class Request:
         self.token_ids.append(token_id)
 
     def check_stop(self) -> bool:
-        """Token-level stop conditions after a new token; sets the status and returns True when finished."""
+        """Token-level stop conditions after a new token; sets the status and returns True when finished.
+        EOS and ``stop_token_ids`` count only once ``min_tokens`` tokens were generated (the workers keep them
+        out before; this guards the engine's side as vLLM does)."""
         last = self.token_ids[-1]
-        if last in self.eos_token_ids:
+        stops = self.num_output_tokens >= self.sampling_params.min_tokens
+        if stops and last in self.eos_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
-        elif last in self.stop_token_ids:
+        elif stops and last in self.stop_token_ids:
             self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
         elif self.num_output_tokens >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH

@@ -11,6 +11,13 @@ KV cache already holds. When a running request needs a block and none is free, t
 the lowest priority (highest value) that arrived last is preempted: its blocks go back to the pool and it
 waits to be recomputed later; no new request is admitted in that step.
 
+Prompt logprobs (``SamplingParams.prompt_logprobs``): position ``j`` of a prompt is scored from the hidden
+state of token ``j - 1``, so those tokens must be computed, not taken from the prefix cache. Such a request
+looks up at most the prefix it has already been scored on (nothing at first admission) -- its blocks still
+fill the cache for others. Each step names the positions its chunk scores (``prompt_logprob_spans``), and
+``Request.prompt_logprobs_next`` advances only when they come back, so a prompt recomputed after a preemption
+or a migration (whose "prompt" then holds its outputs too) is never reported twice, nor past its original end.
+
 With pipeline parallelism several steps are in flight at once; a request scheduled in a step that has not
 come back yet sits out (and cannot be preempted) until it does, so in-flight steps hold disjoint requests.
 """
@@ -167,7 +174,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(scheduled) < seats):
             request = self.waiting[0][-1]
-            hits, num_hit = self.kv.get_computed_blocks(request.request_id, request.token_ids)
+            hits, num_hit = self.kv.get_computed_blocks(request.request_id, request.token_ids,
+                                                        self._reusable_prefix(request))
             request.num_computed_tokens = num_hit
             n = self._chunk(request, budget)
             blocks = self.kv.allocate_slots(request.request_id, request.token_ids, num_hit, n, hits)
@@ -192,17 +200,38 @@ class Scheduler:
             out.finished_req_ids = set()
         return out
 
+    @staticmethod
+    def _reusable_prefix(request: Request) -> int | None:
+        """How many leading tokens may come from the prefix cache (None: any): with prompt logprobs still owed
+        from position p on, only tokens before p - 1, whose hidden states no owed position needs."""
+        if request.sampling_params.prompt_logprobs is None or request.prompt_logprobs_next >= request.num_prompt_tokens:
+            return None
+        return request.prompt_logprobs_next - 1
+
+    @staticmethod
+    def _prompt_logprob_span(request: Request, n: int) -> tuple[int, int] | None:
+        """The prompt positions scored by the ``n`` tokens from ``num_computed_tokens`` on, or None."""
+        if request.sampling_params.prompt_logprobs is None:
+            return None
+        start = request.num_computed_tokens
+        lo = max(request.prompt_logprobs_next, start + 1)
+        hi = min(start + n + 1, request.num_prompt_tokens)
+        return (lo, hi) if lo < hi else None
+
     def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                       admitted: list[Request]) -> SchedulerOutput:
         out = SchedulerOutput(num_scheduled_tokens=scheduled, finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
         admitted_ids = {r.request_id for r in admitted}
-        for request_id in scheduled:
+        for request_id, n in scheduled.items():
             request = self.requests[request_id]
+            span = self._prompt_logprob_span(request, n)
+            if span is not None:
+                out.prompt_logprob_spans[request_id] = span
             if request.status == RequestStatus.WAITING:
                 out.new_requests.append(NewRequestData(
                     request_id, list(request.token_ids), request.sampling_params, new_blocks[request_id],
-                    request.num_computed_tokens))
+                    request.num_computed_tokens, request.num_prompt_tokens, tuple(sorted(request.eos_token_ids))))
             else:
                 resumed = request_id in admitted_ids  # a preempted request back from the waiting queue
                 out.cached_requests.append(CachedRequestData(
@@ -226,8 +255,14 @@ class Scheduler:
             start = request.num_computed_tokens
             stats.prompt_tokens_computed += max(0, min(start + n, request.num_prompt_tokens) - start)
             request.num_computed_tokens += n
+            prompt_logprobs = result.prompt_logprobs.get(request_id)
+            if prompt_logprobs is not None:
+                request.prompt_logprobs_next = scheduled.prompt_logprob_spans[request_id][1]
             token = result.sampled_token_ids.get(request_id)
             if token is None:
+                if prompt_logprobs is not None:  # a prompt chunk: its logprobs go out now, the token later
+                    outputs.append(EngineCoreOutput(request_id, [], num_cached_tokens=request.num_cached_tokens,
+                                                    prompt_logprobs=prompt_logprobs))
                 continue
             stats.generation_tokens += 1
             request.append_token(token)
@@ -237,7 +272,8 @@ class Scheduler:
             logprobs = result.logprobs.get(request_id)
             outputs.append(EngineCoreOutput(
                 request_id, [token], [logprobs] if logprobs is not None else [],
-                request.status.value if finished else None, request.stop_reason, request.num_cached_tokens))
+                request.status.value if finished else None, request.stop_reason, request.num_cached_tokens,
+                prompt_logprobs))
             if finished:
                 self.running.remove(request)
                 self._release(request)

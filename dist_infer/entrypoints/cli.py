@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="subtracted from the logit of every token already generated, in [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="times the number of times a token was generated, subtracted from its logit, in [-2, 2]")
+    gen.add_argument("--min-tokens", type=int, default=0, help="generate at least this many tokens before EOS or "
+                                                                "a stop string may end the answer")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap each prompt in the model's chat template (default: when it has one)")
@@ -180,8 +186,9 @@ def _generate(args) -> int:
     engine_args = engine_args_from_cli(args)
     # Validate sampling flags before the (slower) model load.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
-                            seed=engine_args.seed)
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+                            max_tokens=args.max_tokens, stop=args.stop, seed=engine_args.seed)
     with LLM(**vars(engine_args)) as llm:
         tokenizer = llm.get_tokenizer()
         use_chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))

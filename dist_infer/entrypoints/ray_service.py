@@ -187,6 +187,7 @@ class RemoteEngine:
         self._waiting, self._fetching = 0, None
         self._error: str | None = None  # why the actor's engine can no longer serve (see is_running)
         self._probing = None
+        self.model_config = engine_config.model_config
         self.tokenizer = load_tokenizer(engine_config.model_config)
         self._inputs = InputProcessor(engine_config.model_config, self.tokenizer)
 

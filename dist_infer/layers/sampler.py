@@ -1,17 +1,26 @@
 """Turns last-position logits into next tokens, per request settings, batched.
 
-For a row with logits ``z`` (fp32, [V]):
-1. repetition penalty ``p``: for tokens already seen, ``z_t <- z_t / p`` if ``z_t > 0`` else ``z_t * p``;
-2. greedy rows take ``argmax z``; the others use ``z / temperature``;
-3. top-k keeps the ``k`` largest, top-p the smallest prefix of the sorted distribution whose mass reaches
+For a row with logits ``z`` (fp32, [V]), in this order (vLLM's):
+1. constraints: ``z_t += logit_bias_t``; tokens outside the row's ``allowed`` mask, and the ``blocked``
+   (row, token) pairs (the last token of a bad word whose other tokens were just generated; EOS and
+   ``stop_token_ids`` while fewer than ``min_tokens`` tokens were generated) get ``z_t = -inf``;
+2. penalties: repetition ``p`` for tokens already seen (prompt or output), ``z_t <- z_t / p`` if ``z_t > 0``
+   else ``z_t * p``; then OpenAI's ``z_t <- z_t - frequency * c_t - presence * [c_t > 0]`` with ``c_t`` the
+   count of ``t`` among the generated tokens only (not the prompt);
+3. greedy rows take ``argmax z`` of these processed logits; the others use ``z / temperature``;
+4. top-k keeps the ``k`` largest, top-p the smallest prefix of the sorted distribution whose mass reaches
    ``p`` (the first token always stays), min-p the tokens with ``prob >= min_p * max prob``;
-4. a token is drawn from the renormalized distribution ``pi`` by the exponential race
+5. a token is drawn from the renormalized distribution ``pi`` by the exponential race
    ``argmax_t pi_t / E_t``, ``E_t ~ Exp(1)``, which picks ``t`` with probability ``pi_t``.
 
 The noise ``E`` of a seeded request is drawn in vocabulary order from a generator seeded by the request's
 seed and the position being sampled (``request_state.position_seed``), so a seeded request's tokens depend
-on neither the other rows of its batch nor the path it took (preemption, another replica after a failure). Log-probabilities are those of the
-model's raw distribution ``log_softmax(z)``.
+on neither the other rows of its batch nor the path it took (preemption, another replica after a failure).
+
+Log-probabilities are those of the model's raw distribution ``log_softmax(z)``, before any of steps 1-4
+(as vLLM's default ``raw_logprobs``): a biased, masked or penalized token still reports what the model gave it.
+A row whose every token is masked (say ``allowed_token_ids`` that ``min_tokens`` all holds back) has no valid
+choice and gets an arbitrary token.
 """
 
 from __future__ import annotations
@@ -36,6 +45,17 @@ class SamplingBatch:
     seen_tokens: torch.Tensor | None  # [B, L] long, padded with V
     generators: list[torch.Generator | None]
     max_num_logprobs: int | None
+    # Constraints (step 1), None when no row has any.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows [N], token ids [N], biases [N]
+    # The generic allowed-token hook: True where the row may sample the token, rows without a restriction all
+    # True. ``allowed_token_ids`` fills it; a structured-output grammar can fill (AND into) the same mask.
+    allowed: torch.Tensor | None = None  # [B, V] bool
+    blocked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows [M], token ids [M]: set to -inf
+    # OpenAI penalties (step 2), only for the U rows that have one: their row indices, settings and counts.
+    penalty_rows: torch.Tensor | None = None  # [U] long
+    presence_penalty: torch.Tensor | None = None  # [U] float
+    frequency_penalty: torch.Tensor | None = None  # [U] float
+    output_counts: torch.Tensor | None = None  # [U, V] float: occurrences of each token in the row's output
 
 
 @dataclass
@@ -50,8 +70,7 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
-        if batch.repetition_penalty is not None:
-            logits = self._apply_repetition_penalty(logits, batch)
+        logits = self.process_logits(logits, batch)
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -60,6 +79,39 @@ class Sampler(nn.Module):
         if raw_logprobs is not None:
             self._gather_logprobs(raw_logprobs, tokens, batch.max_num_logprobs, out)
         return out
+
+    def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 1 and 2 (constraints, then penalties): the logits [B, V] that greedy and sampled rows alike
+        choose from. The input is left as it was."""
+        logits = self._apply_constraints(logits, batch)
+        if batch.repetition_penalty is not None:
+            logits = self._apply_repetition_penalty(logits, batch)
+        if batch.penalty_rows is not None:
+            logits = self._apply_openai_penalties(logits, batch)
+        return logits
+
+    @staticmethod
+    def _apply_constraints(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.logit_bias is None and batch.allowed is None and batch.blocked is None:
+            return logits
+        logits = logits.clone()  # the caller's logits stay the model's
+        if batch.logit_bias is not None:
+            rows, ids, bias = batch.logit_bias
+            logits.index_put_((rows, ids), bias.to(logits.dtype), accumulate=True)
+        if batch.allowed is not None:
+            logits.masked_fill_(~batch.allowed, float("-inf"))
+        if batch.blocked is not None:
+            rows, ids = batch.blocked
+            logits.index_put_((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+        return logits
+
+    @staticmethod
+    def _apply_openai_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """``z - frequency * count - presence * [count > 0]`` on the penalized rows only."""
+        rows, counts = batch.penalty_rows, batch.output_counts
+        penalized = (logits[rows] - batch.frequency_penalty.unsqueeze(1) * counts
+                     - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(counts.dtype))
+        return logits.index_copy(0, rows, penalized)
 
     @staticmethod
     def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -20,6 +20,7 @@ class StepInputs:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows whose output is sampled
     sampled: list[CachedRequestState]  # the S requests sampled this step, in row order
+    first_rows: dict[str, int]  # each request's first row: its token at num_computed_tokens
 
 
 def build_step_inputs(states: list[CachedRequestState], counts: list[int], block_size: int,
@@ -29,9 +30,11 @@ def build_step_inputs(states: list[CachedRequestState], counts: list[int], block
     chunks = [(s, n) for s, n in zip(states, counts) if n != 1]
     ids, pos, slots, sample_rows, sampled = [], [], [], [], []
     prefills = []
+    first_rows: dict[str, int] = {}
     row = 0
     for state, n in [(s, 1) for s in decodes] + chunks:
         start, end = state.num_computed_tokens, state.num_computed_tokens + n
+        first_rows[state.req_id] = row
         blocks = state.block_ids
         ids.extend(state.token_ids[start:end])
         pos.extend(range(start, end))
@@ -53,4 +56,4 @@ def build_step_inputs(states: list[CachedRequestState], counts: list[int], block
     metadata = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), batch, prefills)
     return StepInputs(torch.tensor(ids, dtype=torch.long, device=device),
                       torch.tensor(pos, dtype=torch.long, device=device), metadata,
-                      torch.tensor(sample_rows, dtype=torch.long, device=device), sampled)
+                      torch.tensor(sample_rows, dtype=torch.long, device=device), sampled, first_rows)

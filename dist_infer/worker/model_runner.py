@@ -9,12 +9,13 @@ import torch
 from dist_infer.config import EngineConfig
 from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group
 from dist_infer.distributed.pipeline_comm import PipelineComm
-from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from dist_infer.engine.messages import ModelRunnerOutput, PromptLogprobs, SchedulerOutput, TokenLogprobs
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.forward_context import set_forward_context
+from dist_infer.layers.logprobs import target_logprobs
 from dist_infer.layers.sampler import Sampler
 from dist_infer.model_loader.model_factory import build_model
-from dist_infer.worker.input_builder import build_step_inputs
+from dist_infer.worker.input_builder import StepInputs, build_step_inputs
 from dist_infer.worker.kv_cache import KVCacheStore
 from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
 
@@ -23,7 +24,8 @@ class ModelRunner:
     """Runs this worker's part of the model. On a pipeline stage other than the first, the step's input
     activations arrive from the previous stage; other than the last, the output goes on to the next one.
     The last stage computes logits (gathered over tensor-parallel ranks) and its tensor-parallel rank 0
-    samples."""
+    samples; it also scores the prompt positions the scheduler names (``prompt_logprob_spans``) from the
+    step's hidden states, in bounded chunks of rows (``layers.logprobs``)."""
 
     def __init__(self, config: EngineConfig, device: torch.device, after_each_tensor=None):
         self.config = config
@@ -58,8 +60,7 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
         for new in sched.new_requests:
-            self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+            self.requests[new.req_id] = CachedRequestState.from_new(new)
             # Blocks before num_computed_tokens are prefix-cache hits (whole blocks), the rest are to be written.
             self.kv_store.prepare_blocks(new.block_ids, new.num_computed_tokens // self.block_size)
         for cached in sched.cached_requests:
@@ -90,15 +91,49 @@ class ModelRunner:
         if not self.is_last:
             self.pp_comm.send(*hidden)
             return None
+        prompt_logprobs = self._prompt_logprobs(sched.prompt_logprob_spans, step, hidden)
         if not step.sampled:
-            return ModelRunnerOutput() if self.samples else None
+            return ModelRunnerOutput(prompt_logprobs=prompt_logprobs) if self.samples else None
         if len(step.sampled) < hidden.shape[0]:
             hidden = hidden[step.sample_rows]
         logits = self.model.compute_logits(hidden)  # every tensor-parallel rank joins the gather
         if not self.samples:
             return None
         batch = build_sampling_batch(step.sampled, self.model_config.vocab_size, self.device)
-        return self._to_output(step.sampled, self.sampler(logits, batch))
+        out = self._to_output(step.sampled, self.sampler(logits, batch))
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, spans: dict[str, tuple[int, int]], step: StepInputs,
+                         hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """Scores prompt positions [lo, hi) of each request in ``spans``: position j from the row of token j - 1,
+        which this step computed. Every tensor-parallel rank runs it (the logits are gathered); the sampling
+        rank returns the chunks."""
+        if not spans:
+            return {}
+        rows, targets, pieces = [], [], []
+        for req_id, (lo, hi) in spans.items():
+            state = self.requests[req_id]
+            first = step.first_rows[req_id] - state.num_computed_tokens  # the row of token 0, were it here
+            rows.extend(range(first + lo - 1, first + hi - 1))
+            targets.extend(state.token_ids[lo:hi])
+            pieces.append((req_id, lo, hi - lo, state.sampling_params.prompt_logprobs or 0))
+        vocab = self.model_config.vocab_size
+        result = target_logprobs(hidden[torch.tensor(rows, device=self.device)],
+                                 torch.tensor(targets, dtype=torch.long, device=self.device),
+                                 max(k for *_, k in pieces), self.model.compute_logits, vocab, keep=self.samples)
+        if result is None:
+            return {}
+        logprobs, ranks = result.logprobs.tolist(), result.ranks.tolist()
+        top_ids, top_logprobs = result.top_ids.tolist(), result.top_logprobs.tolist()
+        out, at = {}, 0
+        for req_id, lo, n, k in pieces:
+            k = min(k, vocab)
+            out[req_id] = PromptLogprobs(lo, logprobs[at:at + n], ranks[at:at + n],
+                                         [ids[:k] for ids in top_ids[at:at + n]],
+                                         [lps[:k] for lps in top_logprobs[at:at + n]])
+            at += n
+        return out
 
     @staticmethod
     def _to_output(states, result) -> ModelRunnerOutput:

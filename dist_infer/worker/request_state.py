@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_infer.engine.messages import NewRequestData
 from dist_infer.layers.sampler import SamplingBatch
 from dist_infer.sampling_params import SamplingParams
 
@@ -13,10 +14,33 @@ from dist_infer.sampling_params import SamplingParams
 @dataclass
 class CachedRequestState:
     req_id: str
-    token_ids: list[int]
+    token_ids: list[int]  # prompt, then the output so far
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # The ORIGINAL prompt's length (None: all of ``token_ids`` at creation). A request resent whole (after a
+    # migration) keeps it, so that penalties, bad words and min_tokens see the same output as undisturbed.
+    num_prompt_tokens: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # empty with ignore_eos; held back with stop_token_ids until min_tokens
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens is None:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @classmethod
+    def from_new(cls, new: NewRequestData) -> CachedRequestState:
+        return cls(new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
+                   new.num_computed_tokens, new.num_prompt_tokens, tuple(new.eos_token_ids))
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def output_tail(self, n: int) -> list[int] | None:
+        """The last ``n`` generated tokens, or None when fewer than ``n`` were generated."""
+        if n > self.num_output_tokens:
+            return None
+        return self.token_ids[len(self.token_ids) - n:]
 
 
 _MASK64 = 2**64 - 1
@@ -65,6 +89,7 @@ def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, devi
             seen[i, : len(s.token_ids)] = torch.tensor(s.token_ids)
         seen = seen.to(device)
     logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    penalty_rows, presence, frequency, counts = _openai_penalties(states, vocab_size, device)
     return SamplingBatch(
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
         greedy=torch.tensor(greedy, device=device),
@@ -76,4 +101,75 @@ def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, devi
         seen_tokens=seen,
         generators=[position_generator(s, device) for s in states],
         max_num_logprobs=max(logprobs) if logprobs else None,
+        logit_bias=_logit_bias(params, vocab_size, device),
+        allowed=_allowed_mask(params, vocab_size, device),
+        blocked=_blocked(states, vocab_size, device),
+        penalty_rows=penalty_rows,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        output_counts=counts,
     )
+
+
+def _logit_bias(params: list[SamplingParams], vocab_size: int, device: torch.device):
+    """(rows, token ids, biases) of every row's ``logit_bias`` entries, or None."""
+    entries = [(i, token, value) for i, p in enumerate(params) for token, value in (p.logit_bias or {}).items()
+               if token < vocab_size]
+    if not entries:
+        return None
+    rows, ids, bias = zip(*entries)
+    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+            torch.tensor(bias, dtype=torch.float32, device=device))
+
+
+def _allowed_mask(params: list[SamplingParams], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """[B, V] bool: only ``allowed_token_ids`` on the rows that give them, everything elsewhere; or None."""
+    restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not restricted:
+        return None
+    allowed = torch.ones(len(params), vocab_size, dtype=torch.bool, device=device)
+    allowed[torch.tensor(restricted, device=device)] = False
+    pairs = [(i, t) for i in restricted for t in params[i].allowed_token_ids if t < vocab_size]
+    if pairs:
+        table = torch.tensor(pairs, dtype=torch.long, device=device)
+        allowed[table[:, 0], table[:, 1]] = True
+    return allowed
+
+
+def _blocked(states: list[CachedRequestState], vocab_size: int, device: torch.device):
+    """(rows, token ids) set to -inf this step, or None: EOS and ``stop_token_ids`` of a row with fewer than
+    ``min_tokens`` outputs; the last token of each bad word whose other tokens end the output (a one-token word
+    always), as vLLM (generated tokens only, not the prompt)."""
+    pairs = []
+    for i, s in enumerate(states):
+        p = s.sampling_params
+        if p.min_tokens and s.num_output_tokens < p.min_tokens:
+            pairs += [(i, token) for token in {*s.eos_token_ids, *p.stop_token_ids}]
+        pairs += [(i, word[-1]) for word in p.bad_words_token_ids if s.output_tail(len(word) - 1) == list(word[:-1])]
+    pairs = [(i, token) for i, token in pairs if token < vocab_size]  # the model cannot produce the others
+    if not pairs:
+        return None
+    table = torch.tensor(pairs, dtype=torch.long, device=device)
+    return table[:, 0], table[:, 1]
+
+
+def _openai_penalties(states: list[CachedRequestState], vocab_size: int, device: torch.device):
+    """(rows [U], presence [U], frequency [U], counts [U, V]) for the rows with a presence or frequency
+    penalty, counting their generated tokens only; all None when no row has one."""
+    users = [i for i, s in enumerate(states)
+             if s.sampling_params.presence_penalty != 0.0 or s.sampling_params.frequency_penalty != 0.0]
+    if not users:
+        return None, None, None, None
+    outputs = [states[i].token_ids[states[i].num_prompt_tokens:] for i in users]
+    longest = max(len(o) for o in outputs)
+    padded = torch.full((len(users), longest), vocab_size, dtype=torch.long)  # V: a padding column, cut below
+    for row, out in enumerate(outputs):
+        padded[row, : len(out)] = torch.tensor(out, dtype=torch.long)
+    padded = padded.to(device)
+    counts = torch.zeros(len(users), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    params = [states[i].sampling_params for i in users]
+    return (torch.tensor(users, device=device),
+            torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device),
+            counts[:, :vocab_size])

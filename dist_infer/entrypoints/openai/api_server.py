@@ -1,6 +1,7 @@
 """``dist-infer serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn, one asyncio engine behind it).
 
-Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health`` (the process is up),
+Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, vLLM's ``/tokenize``, ``/detokenize``
+and ``/version`` (see ``serving_info``), ``/health`` (the process is up),
 ``/ready`` (the workers of every serving replica answer and a one-token request crosses each of its stages:
 ``ready``, or ``degraded`` while another replica is failed, starting or rebuilding; 503 naming what failed
 when no replica serves), ``/admin/replicas`` (GET each replica's state and history; POST ``{"replicas": N}``
@@ -11,6 +12,8 @@ Bodies over ``max_request_bytes`` get 413, non-JSON POSTs 415, malformed ones 40
 Unicode included), unknown models and paths 404, slow headers or bodies 408, a full waiting queue 429 with
 ``Retry-After``, a client gone before its answer 499 (in metrics and the log); only real faults are 500, logged
 with the request id. A non-streamed request whose client disconnects is cancelled, aborting its engine requests.
+Fields a body has that the server does not know are ignored and named in the ``x-ignored-fields`` response
+header (see ``protocol``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -37,16 +39,19 @@ from dist_infer.entrypoints.openai.errors import OpenAIError, http_error, http_e
 from dist_infer.entrypoints.openai.http_server import uvicorn_config
 from dist_infer.entrypoints.openai.metrics import ServerMetrics
 from dist_infer.entrypoints.openai.middleware import ServerMiddleware
-from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from dist_infer.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                    TokenizeChatRequest, TokenizeCompletionRequest, ignored_fields)
 from dist_infer.entrypoints.openai.redact import Redactor
 from dist_infer.entrypoints.openai.request_log import RequestLog, configure_logging
 from dist_infer.entrypoints.openai.serving import EventStream, OpenAIServing
+from dist_infer.entrypoints.openai.serving_info import ModelInfo
 from dist_infer.entrypoints.openai.shutdown import DrainingServer, GracefulShutdown
 
 logger = logging.getLogger("dist_infer.server")
 
 _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _RETRY_AFTER_S = 5  # seconds a client should wait before retrying a request that outlived its replicas
+IGNORED_FIELDS_HEADER = "x-ignored-fields"
 
 
 @dataclass
@@ -85,6 +90,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
     metrics = ServerMetrics(engine, settings.model_name, num_replicas, min(settings.ready_timeout_s, 10.0))
     serving = OpenAIServing(engine, settings.model_name, settings.max_waiting, metrics,
                             settings.max_prompts_per_request)
+    info = ModelInfo(engine, settings.model_name)
     request_log = RequestLog(settings.log_requests, Redactor(settings.api_keys.secrets()))
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     open_paths = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
@@ -114,18 +120,26 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
         note(request, http_error_code(exc.status_code))
         return http_error(request, exc)
 
-    async def parse(request: Request, model):
-        body = await request.body()  # the middleware stops reading past max_request_bytes (413)
-        data = decode_json_object(body)
+    async def parse(request: Request, model, data: dict | None = None):
+        """The body as ``model``; the fields it ignored are kept for ``respond``'s header."""
+        if data is None:
+            data = decode_json_object(await request.body())  # the middleware stops reading past the limit (413)
         try:
-            return model.model_validate(data)
+            parsed = model.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
+        request.state.ignored_fields = ignored_fields(parsed)
+        return parsed
 
     async def respond(request: Request, result):
         if isinstance(result, dict):
-            return JSONResponse(result)
-        return _EventStreamResponse(result, _guarded(result, request.state.request_id, request_log))
+            response = JSONResponse(result)
+        else:
+            response = _EventStreamResponse(result, _guarded(result, request.state.request_id, request_log))
+        ignored = getattr(request.state, "ignored_fields", None)
+        if ignored:
+            response.headers[IGNORED_FIELDS_HEADER] = ", ".join(ignored)
+        return response
 
     @app.get("/health")
     async def health():
@@ -174,8 +188,21 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "dist-infer"}]}
+        return info.models()
+
+    @app.get("/version")
+    async def version():
+        return info.version()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        data = decode_json_object(await request.body())
+        body = await parse(request, TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest, data)
+        return await respond(request, info.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await respond(request, info.detokenize(await parse(request, DetokenizeRequest)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -1,29 +1,97 @@
-"""Request and response bodies of the OpenAI API subset we serve, validated with pydantic.
+"""Request bodies of the OpenAI API subset we serve, with vLLM's extensions, validated with pydantic.
 
-Unknown fields are refused (``extra="forbid"``) so a typo is an error rather than a silently ignored setting.
-Extensions beyond OpenAI's fields follow vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``,
-``ignore_eos``, ``priority``.
+Three kinds of field:
+
+* **supported** ones are declared below and reach ``SamplingParams`` (see ``request_params``): OpenAI's, plus
+  vLLM's extensions under vLLM's names (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+  ``ignore_eos``, ``skip_special_tokens``, ``spaces_between_special_tokens``, ``include_stop_str_in_output``,
+  ``bad_words``, ``allowed_token_ids``, ``prompt_logprobs``, ``add_generation_prompt``,
+  ``continue_final_message``, ``chat_template_kwargs``, ``stream_options.continuous_usage_stats``,
+  ``priority``);
+* **refused** ones (``REFUSED``) are OpenAI or vLLM features this server does not have yet (structured
+  outputs, tools, audio, ...). Ignoring them would answer a different question than the one asked, so a
+  request that sets one (to anything but its no-op value, e.g. ``tools: []``) gets a 400 naming the field and
+  saying it is not supported;
+* **unknown** ones (any other name, at any level: ``stream_options.foo``, ``messages[].reasoning_content``)
+  follow vLLM: they are ignored and logged as a warning once per field name. Unlike vLLM, the client is told
+  too: the response carries ``x-ignored-fields: name, other.name`` (see ``ignored_fields``). This keeps
+  benchmark and evaluation tools that send their own vendor fields working, and a typo visible.
+
+Field types are strict (``"1"`` is not a number, ``1`` is not a bool).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import re
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dist_infer.entrypoints.openai.errors import OpenAIError
+
+logger = logging.getLogger("dist_infer.server")
+
+MAX_LOGPROBS = 20
 _MAX_N = 16
 _MAX_STOP = 16
+_STRUCTURED = "structured outputs are not supported yet"
+_TOOLS = "tool calling is not supported yet"
+
+# name -> (its no-op values, which are accepted, and why the field is refused). ``None`` is always a no-op.
+REFUSED: dict[str, tuple[tuple, str]] = {
+    "response_format": (({"type": "text"},), _STRUCTURED),
+    "guided_json": ((), _STRUCTURED), "guided_regex": ((), _STRUCTURED), "guided_choice": ((), _STRUCTURED),
+    "guided_grammar": ((), _STRUCTURED), "structured_outputs": ((), _STRUCTURED),
+    "tools": (([],), _TOOLS), "tool_choice": (("none",), _TOOLS), "functions": (([],), _TOOLS),
+    "function_call": (("none",), _TOOLS), "parallel_tool_calls": ((), _TOOLS),
+    "audio": ((), "audio output is not supported"), "modalities": ((["text"],), "only text output is supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "web_search_options": ((), "web search is not supported"),
+    "chat_template": ((), "a request cannot bring its own chat template; the model's is used"),
+    "suffix": (("",), "insertion (suffix) is not supported"),
+}
+_CHAT_ONLY_REFUSED = {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
+                      "modalities", "prediction", "web_search_options", "chat_template"}
+
+# apply_chat_template's own parameters: chat_template_kwargs must not reach them (they change what is rendered
+# or what is returned, and each that a client may set has its own field).
+_TEMPLATE_RESERVED = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                      "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Body(BaseModel):
+    """Unknown fields are kept (``model_extra``) so that ``ignored_fields`` can name them."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (only with include_usage)
 
 
-class _SamplingFields(BaseModel):
+class _Refusing(_Body):
+    """Declares the refused fields it may meet (as anything) and refuses them when set."""
+
+    refused_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data):
+        if isinstance(data, dict):
+            for name in cls.refused_fields:
+                value = data.get(name)
+                no_ops, why = REFUSED[name]
+                if value is not None and value not in no_ops:
+                    raise OpenAIError(400, f"{name}: not supported by this server ({why})", param=name,
+                                      code="unsupported_parameter")
+        return data
+
+
+class _SamplingFields(_Refusing):
     """Fields both endpoints share."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     n: int = Field(1, ge=1, le=_MAX_N)
@@ -34,10 +102,18 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a JSON key, a string) -> bias in [-100, 100]
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
@@ -53,20 +129,43 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported_penalties(cls, value):
-        if value:
-            raise ValueError("is not supported by this server; use repetition_penalty")
+    def _logit_bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not re.fullmatch(r"[0-9]{1,9}", key):
+                raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return value
+
+    @field_validator("stop_token_ids", "allowed_token_ids")
+    @classmethod
+    def _token_ids(cls, value):
+        if any(t < 0 for t in value or ()):
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value):
+        if any(not w.strip() for w in value or ()):
+            raise ValueError("bad words must not be empty")
+        return value
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM: usage in every streamed chunk, only when the final usage is asked for too."""
+        return bool(self.stream_options and self.stream_options.include_usage
+                    and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingFields):
+    refused_fields: ClassVar[frozenset[str]] = frozenset(REFUSED) - _CHAT_ONLY_REFUSED
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt alone
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -78,16 +177,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("token id lists must not be empty")
         return value
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value):
-        if value:
-            raise ValueError("is not supported by this server")
-        return value
 
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
     name: str | None = None
@@ -103,10 +194,99 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplating(_Body):
+    """How a conversation becomes a prompt (chat completions and /tokenize)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True  # open the assistant's turn after the messages
+    continue_final_message: bool = False  # leave the last (assistant) message open, to be continued
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template, e.g. enable_thinking
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value):
+        reserved = sorted(set(value or ()) & _TEMPLATE_RESERVED)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (a parameter of the template call "
+                             f"itself, not a template variable)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_open_turn(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+    def conversation(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def template_kwargs(self) -> dict:
+        return {**(self.chat_template_kwargs or {}), "continue_final_message": self.continue_final_message}
+
+
+class ChatCompletionRequest(_ChatTemplating, _SamplingFields):
+    refused_fields: ClassVar[frozenset[str]] = frozenset(REFUSED) - {"suffix"}
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    add_generation_prompt: bool = True
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # vLLM: the answer starts with the last message's content when it is the assistant's
+
+
+# ---- vLLM's /tokenize and /detokenize ----------------------------------------------------------------------
+
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_ChatTemplating):
+    model: str | None = None
+    add_special_tokens: bool = False  # the template already holds the special tokens it wants
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- unknown fields ---------------------------------------------------------------------------------------
+
+_MAX_WARNED = 1000  # field names warned about once each; past this many, no more (a client can send any names)
+_MAX_LISTED = 32  # names in one x-ignored-fields header
+_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}")
+_warned: set[str] = set()
+
+
+def ignored_fields(body: BaseModel) -> list[str]:
+    """Names of the fields ``body`` ignored, dotted from the top (``stream_options.foo``, ``messages[].bar``),
+    each once, in order. Logs a warning the first time a name is seen. A name that is not a plain identifier
+    (it would go into a header and the log) is listed as ``<N unprintable>``."""
+    found: list[str] = []
+    stack: list[tuple[str, BaseModel]] = [("", body)]
+    while stack:
+        prefix, model = stack.pop(0)
+        known = getattr(type(model), "refused_fields", ())  # set to a no-op value: not worth a mention
+        found.extend(prefix + name for name in (model.model_extra or {}) if name not in known)
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                stack.append((f"{prefix}{name}.", value))
+            elif isinstance(value, list):
+                stack.extend((f"{prefix}{name}[].", v) for v in value if isinstance(v, BaseModel))
+    names = list(dict.fromkeys(n for n in found if _NAME.fullmatch(n)))
+    odd = len(set(found)) - len(names)
+    new = [n for n in names if n not in _warned]
+    if new and len(_warned) < _MAX_WARNED:
+        _warned.update(new)
+        logger.warning("ignored request fields this server does not know: %s (told to the client in the "
+                       "x-ignored-fields header; further requests with these fields are not logged)", ", ".join(new))
+    listed = names[:_MAX_LISTED]
+    if len(names) > _MAX_LISTED:
+        listed.append(f"<{len(names) - _MAX_LISTED} more>")
+    if odd:
+        listed.append(f"<{odd} unprintable>")
+    return listed

@@ -7,6 +7,11 @@ asks for a stream; then its ``prompts x n`` sequences are admitted against ``--m
 server watches its connection), either of which aborts its engine requests and frees their KV blocks. With a
 ``record`` (the server's request log), token counts and time to first token are noted on it, and the texts when
 it asks.
+
+With ``stream_options: {"include_usage": true, "continuous_usage_stats": true}`` (vLLM's extension, which
+benchmark tools such as guidellm send) every chunk carries ``usage`` too: its choice's prompt tokens and the
+tokens that choice has generated so far. The request's fields reach ``SamplingParams`` through
+``request_params``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ from dataclasses import dataclass, field
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine
 from dist_infer.entrypoints.chat_utils import chat_prompt
 from dist_infer.entrypoints.openai.admission import Admission, Reservation
+from dist_infer.entrypoints.openai.completion_logprobs import (
+    drop_generated,
+    echoed_logprobs,
+    engine_max_tokens,
+    with_prompt_logprobs,
+)
 from dist_infer.entrypoints.openai.errors import OpenAIError
 from dist_infer.entrypoints.openai.formatting import chat_logprobs, completion_logprobs, usage
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from dist_infer.entrypoints.openai.request_params import sampling_params
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -83,14 +95,8 @@ class OpenAIServing:
                               code="too_many_prompts")
 
     def _params(self, req, max_tokens, logprobs: int | None, kind: RequestOutputKind) -> SamplingParams:
-        fields = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                      repetition_penalty=req.repetition_penalty, seed=req.seed)
-        given = {k: v for k, v in fields.items() if v is not None}
-        try:
-            return SamplingParams(max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                                  ignore_eos=req.ignore_eos, logprobs=logprobs, output_kind=kind, **given)
-        except ValueError as e:
-            raise OpenAIError(400, str(e), param=str(e).split()[0], code="invalid_value") from None
+        model_config = getattr(self.engine, "model_config", None)
+        return sampling_params(req, max_tokens, logprobs, kind, getattr(model_config, "vocab_size", None))
 
     def _choices(self, prompts: list[dict], req, max_tokens, logprobs, stream: bool, tag: str) -> list[_Choice]:
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
@@ -198,16 +204,26 @@ class OpenAIServing:
         prompt_tokens = sum(len(c.prompt["prompt_token_ids"]) for c in choices if c.index % n == 0)
         return usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
 
+    @staticmethod
+    def _with_usage(chunk: dict, choice: _Choice, continuous: bool) -> dict:
+        """``chunk`` with its choice's usage so far, when the request asked for it in every chunk (vLLM)."""
+        if continuous:
+            chunk["usage"] = usage(len(choice.prompt["prompt_token_ids"]), len(choice.token_ids))
+        return chunk
+
     # ---- /v1/completions ---------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, record=None):
         self.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise OpenAIError(400, "max_tokens=0 needs echo=true (it scores the prompt only)", param="max_tokens")
+        score_only, scored_prompt = req.max_tokens == 0, req.echo and req.logprobs is not None
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
         prompts = _completion_prompts(req.prompt)
         self.check_prompt_count(len(prompts))
-        choices = self._choices(prompts, req, req.max_tokens, req.logprobs, req.stream, "cmpl")
+        choices = self._choices(prompts, req, engine_max_tokens(req.max_tokens), req.logprobs, req.stream, "cmpl")
+        for c in choices if scored_prompt else ():
+            c.params = with_prompt_logprobs(c.params, req.logprobs)
         reservation = self.admission.reserve(len(choices))
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         tokenizer = self.engine.tokenizer
@@ -218,19 +234,26 @@ class OpenAIServing:
 
         self._note_prompts(record, choices, req.n, prompt_texts)
 
-        def logprobs_of(token_ids, logprobs, offset):
+        def logprobs_of(token_ids, logprobs, offset, prompt=None, prompt_logprobs=None):
             if req.logprobs is None:
                 return None
-            return completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
+            completion = completion_logprobs(token_ids, logprobs, req.logprobs, tokenizer, offset)
+            if prompt is None:
+                return completion
+            return echoed_logprobs(prompt["prompt_token_ids"], prompt_logprobs, req.logprobs, tokenizer, completion)
 
         if not req.stream:
             await self._collect(choices, req.priority, reservation, record)
+            for c in choices if score_only else ():
+                drop_generated(c)
             body = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": self._usage(choices, req.n)}
             for c in choices:
                 prefix = (c.prompt["prompt"] or tokenizer.decode(c.prompt["prompt_token_ids"])) if req.echo else ""
+                prompt_lps = c.output.prompt_logprobs if c.output is not None else None
                 body["choices"].append({"index": c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                                        "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix))})
+                                        "logprobs": logprobs_of(c.token_ids, c.logprobs, len(prefix),
+                                                                c.prompt if scored_prompt else None, prompt_lps)})
             return body
 
         async def pieces():
@@ -238,13 +261,20 @@ class OpenAIServing:
             async for choice, out in self._events(choices, req.priority, reservation):
                 offset = len(choice.text)
                 text, token_ids, logprobs = self._absorb(choice, out)
-                if req.echo and choice.index not in echoed:
-                    echoed.add(choice.index)
-                    text = (choice.prompt["prompt"] or tokenizer.decode(choice.prompt["prompt_token_ids"])) + text
+                if score_only:
+                    text, token_ids, logprobs = drop_generated(choice)
+                prompt = None
+                if req.echo:
+                    prefix = choice.prompt["prompt"] or tokenizer.decode(choice.prompt["prompt_token_ids"])
+                    offset += len(prefix)
+                    if choice.index not in echoed:
+                        echoed.add(choice.index)
+                        text, prompt = prefix + text, (choice.prompt if scored_prompt else None)
                 chunk = {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                          "choices": [{"index": choice.index, "text": text, "finish_reason": choice.finish_reason,
-                                      "logprobs": logprobs_of(token_ids, logprobs, offset)}]}
-                yield _sse(chunk)
+                                      "logprobs": logprobs_of(token_ids, logprobs, offset, prompt,
+                                                              out.prompt_logprobs)}]}
+                yield _sse(self._with_usage(chunk, choice, req.continuous_usage))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": response_id, "object": "text_completion", "created": created,
                             "model": self.model_name, "choices": [], "usage": self._usage(choices, req.n)})
@@ -257,8 +287,9 @@ class OpenAIServing:
         self.check_model(req.model)
         tokenizer = self.engine.tokenizer
         try:
-            conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-            prompt = chat_prompt(tokenizer, conversation, req.add_generation_prompt)
+            conversation = req.conversation()
+            prompt = chat_prompt(tokenizer, conversation, req.add_generation_prompt,
+                                 template_kwargs=req.template_kwargs())
         except Exception as e:  # the template rejects the conversation (roles, order, content)
             raise OpenAIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
         num_top = req.top_logprobs or 0
@@ -270,28 +301,33 @@ class OpenAIServing:
         reservation = self.admission.reserve(len(choices))
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._note_prompts(record, choices, req.n, lambda: [f"{m['role']}: {m['content']}" for m in conversation])
+        # vLLM's echo: an answer that continues the assistant's last message starts with that message
+        echo = conversation[-1]["content"] if req.echo and conversation[-1]["role"] == "assistant" else ""
 
         if not req.stream:
             await self._collect(choices, req.priority, reservation, record)
             return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
                                  "finish_reason": c.finish_reason,
                                  "logprobs": chat_logprobs(c.token_ids, c.logprobs, num_top, tokenizer)
                                  if req.logprobs else None} for c in choices],
                     "usage": self._usage(choices, req.n)}
 
-        def chunk(index, delta, finish_reason=None, lp=None):
-            return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                         "model": self.model_name,
-                         "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}]})
+        def chunk(choice, delta, finish_reason=None, lp=None):
+            return _sse(self._with_usage({
+                "id": response_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "choices": [{"index": choice.index, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}]},
+                choice, req.continuous_usage))
 
         async def pieces():
             for c in choices:
-                yield chunk(c.index, {"role": "assistant", "content": ""})
+                yield chunk(c, {"role": "assistant", "content": ""})
+                if echo:
+                    yield chunk(c, {"content": echo})
             async for choice, out in self._events(choices, req.priority, reservation):
                 text, token_ids, lps = self._absorb(choice, out)
                 lp = chat_logprobs(token_ids, lps, num_top, tokenizer) if req.logprobs else None
-                yield chunk(choice.index, {"content": text} if text else {}, choice.finish_reason, lp)
+                yield chunk(choice, {"content": text} if text else {}, choice.finish_reason, lp)
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name, "choices": [],
