@@ -29,7 +29,8 @@ def _join(address: str, **env_changes) -> str:
     """What a second driver on this host gets: "joined ..." or "refused ..." with Ray's reason."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     # A client must dial loopback itself; left alone Ray swaps 127.0.0.1 for the host's address, not served.
-    env.update(env_changes, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    # A refused client retries its GCS reads 20 times, 2 s apart (Ray's default): twice tells as much.
+    env.update(env_changes, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_NUM_REDIS_GET_RETRIES="2")
     out = subprocess.run([sys.executable, "-c", _JOIN, address], capture_output=True, text=True, timeout=120, env=env)
     return (out.stdout.strip().splitlines() or ["no answer"])[-1] + " | " + out.stderr[-3000:]
 

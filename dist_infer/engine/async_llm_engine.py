@@ -341,5 +341,13 @@ async def _settled(futures: list, timeout: float) -> set:
     ones. Those still running are left running: nothing here cancels a worker's call."""
     if not futures:
         return set()
-    await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout)
+    wrapped = [asyncio.wrap_future(f) for f in futures]
+    for w in wrapped:  # their errors are read from ``futures``; a wrapper left unread would log a traceback
+        w.add_done_callback(_retrieve)
+    await asyncio.wait(wrapped, timeout=timeout)
     return {f for f in futures if f.done()}
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
