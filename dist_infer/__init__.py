@@ -13,6 +13,7 @@ _EXPORTS = {
     "AsyncLLMEngine": "dist_infer.engine.async_llm_engine",
     "EngineArgs": "dist_infer.engine.arg_utils",
     "SamplingParams": "dist_infer.sampling_params",
+    "StructuredOutputsParams": "dist_infer.sampling_params",
     "Client": "dist_infer.entrypoints.client",
     "AsyncClient": "dist_infer.entrypoints.client",
     "ClientError": "dist_infer.entrypoints.client",

@@ -8,6 +8,52 @@ from dataclasses import dataclass, field
 _GREEDY_EPS = 1e-5
 
 
+@dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a language (vLLM's ``StructuredOutputsParams``); exactly one field is set.
+
+    ``json``: a JSON schema (a dict or its JSON text), the output is a JSON document that validates against it
+    (strict: properties the schema does not name are not generated); ``json_object``: any JSON object;
+    ``regex``: the output full-matches the regular expression; ``choice``: the output is one of the strings;
+    ``grammar``: the output is a sentence of the context-free grammar, in xgrammar's EBNF dialect (GBNF-like:
+    ``root ::= "a" rule*``, rules ``name ::= ...``, string literals in double quotes, character classes
+    ``[a-z]``, ``* + ?`` and ``|``; see https://xgrammar.mlc.ai/docs/tutorials/ebnf_guided_generation.html).
+
+    The spec is compiled (checked) when built: an invalid schema, regex or grammar is a ``ValueError`` naming
+    the field. When the output completes the language, only the end-of-sequence token may follow."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or its JSON text), "
+                             f"got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r}")
+            self.choice = list(self.choice)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+        from dist_infer.structured_output.spec import check_spec  # lazily: the grammar engine is a large import
+
+        check_spec(self)
+
+
 class RequestOutputKind(enum.Enum):
     """What each streamed output holds: everything so far, only what is new, or only the final result."""
 
@@ -41,6 +87,10 @@ class SamplingParams:
     log-probability and those of the N most likely tokens at its position (``RequestOutput.prompt_logprobs``,
     ``None`` for the first token).
 
+    ``structured_outputs`` (a ``StructuredOutputsParams``) constrains the output to a JSON schema, any JSON
+    object, a regex, a choice of strings or a grammar; it cannot be combined with ``ignore_eos`` or
+    ``min_tokens`` (the grammar decides where the output ends: once complete, only EOS may follow).
+
     ``output_kind`` chooses what streamed outputs carry: the whole text so far (``CUMULATIVE``), only the new
     text and tokens (``DELTA``), or nothing until the request finishes (``FINAL_ONLY``).
     """
@@ -67,6 +117,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled in by __post_init__.
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     # Filled in by the engine from ``bad_words`` (its tokenizer): one token-id sequence per word variant.
@@ -133,6 +184,16 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be an int >= 0 or None, got {self.prompt_logprobs!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams, "
+                                 f"got {type(self.structured_outputs).__name__}")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured_outputs (once the output completes "
+                                 "the grammar, only EOS may follow)")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs (the grammar decides where "
+                                 "the output ends)")
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,8 @@
 """Turns last-position logits into next tokens, per request settings, batched.
 
 For a row with logits ``z`` (fp32, [V]), in this order (vLLM's):
-1. constraints: ``z_t += logit_bias_t``; tokens outside the row's ``allowed`` mask, and the ``blocked``
+1. constraints: ``z_t += logit_bias_t``; tokens outside the row's ``allowed`` mask or its structured-output
+   grammar's bitmask (``grammar_bitmask``: bit ``t % 32`` of word ``t // 32``), and the ``blocked``
    (row, token) pairs (the last token of a bad word whose other tokens were just generated; EOS and
    ``stop_token_ids`` while fewer than ``min_tokens`` tokens were generated) get ``z_t = -inf``;
 2. penalties: repetition ``p`` for tokens already seen (prompt or output), ``z_t <- z_t / p`` if ``z_t > 0``
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dist_infer.structured_output.apply import apply_grammar_bitmask
+
 
 @dataclass
 class SamplingBatch:
@@ -48,9 +51,13 @@ class SamplingBatch:
     # Constraints (step 1), None when no row has any.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows [N], token ids [N], biases [N]
     # The generic allowed-token hook: True where the row may sample the token, rows without a restriction all
-    # True. ``allowed_token_ids`` fills it; a structured-output grammar can fill (AND into) the same mask.
+    # True. ``allowed_token_ids`` fills it (structured-output grammars have their packed ``grammar_bitmask``).
     allowed: torch.Tensor | None = None  # [B, V] bool
     blocked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows [M], token ids [M]: set to -inf
+    # Structured outputs: the grammars' allowed tokens as an int32 bitmask [B, ceil(V / 32)], applied (by
+    # xgrammar's kernel, cheaper on a CPU than unpacking it into ``allowed``) to ``grammar_rows`` only.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
     # OpenAI penalties (step 2), only for the U rows that have one: their row indices, settings and counts.
     penalty_rows: torch.Tensor | None = None  # [U] long
     presence_penalty: torch.Tensor | None = None  # [U] float
@@ -92,7 +99,8 @@ class Sampler(nn.Module):
 
     @staticmethod
     def _apply_constraints(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        if batch.logit_bias is None and batch.allowed is None and batch.blocked is None:
+        if (batch.logit_bias is None and batch.allowed is None and batch.blocked is None
+                and batch.grammar_bitmask is None):
             return logits
         logits = logits.clone()  # the caller's logits stay the model's
         if batch.logit_bias is not None:
@@ -100,6 +108,8 @@ class Sampler(nn.Module):
             logits.index_put_((rows, ids), bias.to(logits.dtype), accumulate=True)
         if batch.allowed is not None:
             logits.masked_fill_(~batch.allowed, float("-inf"))
+        if batch.grammar_bitmask is not None:
+            apply_grammar_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
         if batch.blocked is not None:
             rows, ids = batch.blocked
             logits.index_put_((rows, ids), torch.tensor(float("-inf"), device=logits.device))

@@ -15,6 +15,7 @@ from dist_infer.layers.forward_context import set_forward_context
 from dist_infer.layers.logprobs import target_logprobs
 from dist_infer.layers.sampler import Sampler
 from dist_infer.model_loader.model_factory import build_model
+from dist_infer.structured_output.batch_mask import StructuredOutputs
 from dist_infer.worker.input_builder import StepInputs, build_step_inputs
 from dist_infer.worker.kv_cache import KVCacheStore
 from dist_infer.worker.request_state import CachedRequestState, build_sampling_batch
@@ -25,7 +26,10 @@ class ModelRunner:
     activations arrive from the previous stage; other than the last, the output goes on to the next one.
     The last stage computes logits (gathered over tensor-parallel ranks) and its tensor-parallel rank 0
     samples; it also scores the prompt positions the scheduler names (``prompt_logprob_spans``) from the
-    step's hidden states, in bounded chunks of rows (``layers.logprobs``)."""
+    step's hidden states, in bounded chunks of rows (``layers.logprobs``).
+
+    Structured outputs: the sampling rank starts filling the grammar mask of the step's sampled rows on a
+    background thread before the forward, and joins it once the logits are there (``structured_output``)."""
 
     def __init__(self, config: EngineConfig, device: torch.device, after_each_tensor=None):
         self.config = config
@@ -47,6 +51,14 @@ class ModelRunner:
                                      config.cache_config.kv_cache_dtype, device)
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        self.structured = StructuredOutputs(self._load_tokenizer, self.model_config.vocab_size)
+
+    def _load_tokenizer(self):
+        """(tokenizer, EOS ids) for the grammar compiler, as the engine loads them (on first use only)."""
+        from dist_infer.engine.tokenizer import eos_token_ids, load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_config)
+        return tokenizer, eos_token_ids(self.model_config, tokenizer) if tokenizer is not None else frozenset()
 
     # ---- KV cache ------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -81,6 +93,10 @@ class ModelRunner:
         self._update_states(sched)
         states = [self.requests[r] for r in sched.num_scheduled_tokens]
         step = build_step_inputs(states, list(sched.num_scheduled_tokens.values()), self.block_size, self.device)
+        # The grammar mask is filled while the model runs, not after it.
+        pending = None
+        if self.samples and self.structured.wanted(step.sampled):
+            pending = self.structured.start(step.sampled)
         carried = (None, None)
         if not self.is_first:
             start = time.perf_counter()
@@ -99,7 +115,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # every tensor-parallel rank joins the gather
         if not self.samples:
             return None
-        batch = build_sampling_batch(step.sampled, self.model_config.vocab_size, self.device)
+        grammar = pending.result(self.device) if pending is not None else None
+        batch = build_sampling_batch(step.sampled, self.model_config.vocab_size, self.device, grammar)
         out = self._to_output(step.sampled, self.sampler(logits, batch))
         out.prompt_logprobs = prompt_logprobs
         return out

@@ -22,6 +22,9 @@ class CachedRequestState:
     # migration) keeps it, so that penalties, bad words and min_tokens see the same output as undisturbed.
     num_prompt_tokens: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # empty with ignore_eos; held back with stop_token_ids until min_tokens
+    # With structured outputs, on the sampling rank: its grammar matcher (a ``RequestGrammar``), made on the
+    # first step that samples it (``structured_output.batch_mask``).
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens is None:
@@ -67,8 +70,10 @@ def position_generator(state: CachedRequestState, device: torch.device) -> torch
     return torch.Generator(device=device).manual_seed(position_seed(seed % 2**64, len(state.token_ids)))
 
 
-def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, device: torch.device) -> SamplingBatch:
-    """Stacks the settings of the requests sampled this step, row by row in ``states`` order."""
+def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, device: torch.device,
+                         grammar: tuple[torch.Tensor, list[int]] | None = None) -> SamplingBatch:
+    """Stacks the settings of the requests sampled this step, row by row in ``states`` order. ``grammar``:
+    the structured-output bitmask and its constrained rows (``structured_output.batch_mask``), or None."""
     params = [s.sampling_params for s in states]
     greedy = [p.greedy for p in params]
     all_greedy = all(greedy)
@@ -103,6 +108,8 @@ def build_sampling_batch(states: list[CachedRequestState], vocab_size: int, devi
         max_num_logprobs=max(logprobs) if logprobs else None,
         logit_bias=_logit_bias(params, vocab_size, device),
         allowed=_allowed_mask(params, vocab_size, device),
+        grammar_bitmask=grammar[0] if grammar is not None else None,
+        grammar_rows=grammar[1] if grammar is not None else None,
         blocked=_blocked(states, vocab_size, device),
         penalty_rows=penalty_rows,
         presence_penalty=presence,

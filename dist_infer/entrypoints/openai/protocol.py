@@ -7,9 +7,11 @@ Three kinds of field:
   ``ignore_eos``, ``skip_special_tokens``, ``spaces_between_special_tokens``, ``include_stop_str_in_output``,
   ``bad_words``, ``allowed_token_ids``, ``prompt_logprobs``, ``add_generation_prompt``,
   ``continue_final_message``, ``chat_template_kwargs``, ``stream_options.continuous_usage_stats``,
-  ``priority``);
-* **refused** ones (``REFUSED``) are OpenAI or vLLM features this server does not have yet (structured
-  outputs, tools, audio, ...). Ignoring them would answer a different question than the one asked, so a
+  ``priority``), and structured outputs: OpenAI's ``response_format`` (``json_object``, ``json_schema``),
+  vLLM's ``structured_outputs`` object and its older ``guided_json``, ``guided_regex``, ``guided_choice``,
+  ``guided_grammar`` (at most one of them per request);
+* **refused** ones (``REFUSED``) are OpenAI or vLLM features this server does not have yet (tools, audio,
+  ...). Ignoring them would answer a different question than the one asked, so a
   request that sets one (to anything but its no-op value, e.g. ``tools: []``) gets a 400 naming the field and
   saying it is not supported;
 * **unknown** ones (any other name, at any level: ``stream_options.foo``, ``messages[].reasoning_content``)
@@ -35,14 +37,10 @@ logger = logging.getLogger("dist_infer.server")
 MAX_LOGPROBS = 20
 _MAX_N = 16
 _MAX_STOP = 16
-_STRUCTURED = "structured outputs are not supported yet"
 _TOOLS = "tool calling is not supported yet"
 
 # name -> (its no-op values, which are accepted, and why the field is refused). ``None`` is always a no-op.
 REFUSED: dict[str, tuple[tuple, str]] = {
-    "response_format": (({"type": "text"},), _STRUCTURED),
-    "guided_json": ((), _STRUCTURED), "guided_regex": ((), _STRUCTURED), "guided_choice": ((), _STRUCTURED),
-    "guided_grammar": ((), _STRUCTURED), "structured_outputs": ((), _STRUCTURED),
     "tools": (([],), _TOOLS), "tool_choice": (("none",), _TOOLS), "functions": (([],), _TOOLS),
     "function_call": (("none",), _TOOLS), "parallel_tool_calls": ((), _TOOLS),
     "audio": ((), "audio output is not supported"), "modalities": ((["text"],), "only text output is supported"),
@@ -70,6 +68,36 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk (only with include_usage)
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's ``response_format.json_schema``: ``schema`` (a JSON schema; absent: any JSON object)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` (``StructuredOutputsParams``' fields)."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _Refusing(_Body):
@@ -118,6 +146,12 @@ class _SamplingFields(_Refusing):
     stream_options: StreamOptions | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod

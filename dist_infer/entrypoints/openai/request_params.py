@@ -4,12 +4,19 @@ Every sampling field the request sets is passed on under ``SamplingParams``' nam
 it leaves out keeps ``SamplingParams``' default. Token ids in ``logit_bias`` and ``allowed_token_ids`` must be
 below the model's vocabulary size (the logits they index have that many entries); anything else
 ``SamplingParams`` refuses is a 400 naming the field.
+
+Structured outputs come from one of OpenAI's ``response_format`` (``json_object``; ``json_schema``, whose
+``schema`` is enforced whether ``strict`` is set or not: a constraint asked for is never silently dropped),
+vLLM's ``structured_outputs`` object, or vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+``guided_grammar``; more than one, or an invalid schema, regex or grammar, is a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import re
+
 from dist_infer.entrypoints.openai.errors import OpenAIError
-from dist_infer.sampling_params import RequestOutputKind, SamplingParams
+from dist_infer.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 # request field -> SamplingParams field, passed only when the request sets it (not None)
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -30,6 +37,9 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, kind: Req
     if vocab_size is not None:
         _check_vocab("logit_bias", given.get("logit_bias", ()), vocab_size)
         _check_vocab("allowed_token_ids", given.get("allowed_token_ids", ()), vocab_size)
+    structured = structured_outputs(req)
+    if structured is not None:
+        given["structured_outputs"] = structured
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, output_kind=kind, **given)
     except ValueError as e:
@@ -41,3 +51,38 @@ def _check_vocab(name: str, token_ids, vocab_size: int) -> None:
     if bad is not None:
         raise OpenAIError(400, f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=name,
                           code="invalid_value")
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(req) -> StructuredOutputsParams | None:
+    """The request's structured-output constraint, or None; a 400 naming the field when it is invalid."""
+    specs: dict[str, dict] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        specs["response_format"] = {"json_object": True}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_
+        specs["response_format"] = {"json": schema} if schema is not None else {"json_object": True}
+    if req.structured_outputs is not None:
+        body = req.structured_outputs
+        specs["structured_outputs"] = {"json": body.json_, "regex": body.regex, "choice": body.choice,
+                                       "grammar": body.grammar, "json_object": body.json_object}
+    for name, field in _GUIDED.items():
+        if getattr(req, name) is not None:
+            specs[name] = {field: getattr(req, name)}
+    if len(specs) > 1:
+        names = list(specs)
+        raise OpenAIError(400, f"{names[1]}: only one structured-output constraint per request, got "
+                               f"{', '.join(names)}", param=names[1], code="invalid_value")
+    if not specs:
+        return None
+    (name, fields), = specs.items()
+    try:
+        return StructuredOutputsParams(**fields)
+    except ValueError as e:
+        message = str(e)
+        if name != "structured_outputs":  # the field the client set, not our parameter's inner name
+            message = f"{name}: " + re.sub(r"^structured_outputs(\.\w+)?:? ", "", message)
+        raise OpenAIError(400, message, param=name, code="invalid_value") from None
