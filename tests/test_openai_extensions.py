@@ -171,9 +171,7 @@ def test_bad_values_are_400_naming_the_field(client, fields, param):
 
 
 REFUSED = [
-    ("chat", {"response_format": {"type": "json_object"}}), ("chat", {"tools": [{"type": "function", "function":
-                                                                               {"name": "f", "parameters": {}}}]}),
-    ("chat", {"tool_choice": "required"}), ("chat", {"parallel_tool_calls": False}),
+    ("chat", {"response_format": {"type": "json_object"}}),
     ("chat", {"functions": [{"name": "f"}]}), ("chat", {"function_call": "auto"}),
     ("chat", {"modalities": ["text", "audio"]}), ("chat", {"audio": {"voice": "alloy", "format": "wav"}}),
     ("chat", {"prediction": {"type": "content", "content": "x"}}), ("chat", {"guided_json": {"type": "object"}}),
