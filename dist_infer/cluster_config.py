@@ -34,7 +34,8 @@ _CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
 _SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
                 "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool,
                 "max_prompts_per_request": int, "request_timeout": float, "timeout_keep_alive": float,
-                "max_connections": int, "shutdown_timeout": float}
+                "max_connections": int, "shutdown_timeout": float, "tool_call_parser": str,
+                "enable_auto_tool_choice": bool}
 
 
 @dataclass

@@ -171,8 +171,6 @@ def test_bad_values_are_400_naming_the_field(client, fields, param):
 
 
 REFUSED = [
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
-    ("chat", {"tool_choice": "required"}), ("chat", {"parallel_tool_calls": False}),
     ("chat", {"functions": [{"name": "f"}]}), ("chat", {"function_call": "auto"}),
     ("chat", {"modalities": ["text", "audio"]}), ("chat", {"audio": {"voice": "alloy", "format": "wav"}}),
     ("chat", {"prediction": {"type": "content", "content": "x"}}),

@@ -21,6 +21,7 @@ MODEL_HELP = "Hugging Face folder, .gguf file, or 'default' (the embedded model)
 
 def build_parser() -> argparse.ArgumentParser:
     from dist_infer.engine.arg_utils import EngineArgs
+    from dist_infer.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
     parser = argparse.ArgumentParser(prog="dist-infer", description="Distributed LLM inference.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
              "they are cut and the server exits 0 (default 30; a second signal cuts them at once)")
     opt("--log-level", type=str.lower, choices=["critical", "error", "warning", "info", "debug"],
         help="the server's and uvicorn's log level (default warning; info adds a line per request)")
+    opt("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+        help="how the model writes tool calls: hermes (<tool_call> JSON: Qwen2.5, Qwen3, SmolLM3, Hermes) or "
+             "llama3_json (Llama 3.1 / 3.2 JSON); read for tool_choice auto")
+    opt("--enable-auto-tool-choice", action="store_true",
+        help="serve tool_choice auto (tools without tool_choice mean auto): the model decides whether to call, "
+             "its calls read by --tool-call-parser (required; tool_choice none, required and named work "
+             "without either flag)")
     opt("--name", help="also register the engine as a named Ray actor other drivers reach with get_handle(NAME)")
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -258,7 +266,8 @@ _SETTINGS_FIELDS = {"max_waiting": "max_waiting", "max_request_bytes": "max_requ
                     "ready_timeout": "ready_timeout_s", "metrics_public": "metrics_public",
                     "log_requests": "log_requests", "max_prompts_per_request": "max_prompts_per_request",
                     "request_timeout": "request_timeout_s", "timeout_keep_alive": "keep_alive_timeout_s",
-                    "max_connections": "max_connections", "shutdown_timeout": "shutdown_timeout_s"}
+                    "max_connections": "max_connections", "shutdown_timeout": "shutdown_timeout_s",
+                    "tool_call_parser": "tool_call_parser", "enable_auto_tool_choice": "enable_auto_tool_choice"}
 
 
 def _serve(args) -> int:

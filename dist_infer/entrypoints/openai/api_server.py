@@ -46,6 +46,7 @@ from dist_infer.entrypoints.openai.request_log import RequestLog, configure_logg
 from dist_infer.entrypoints.openai.serving import EventStream, OpenAIServing
 from dist_infer.entrypoints.openai.serving_info import ModelInfo
 from dist_infer.entrypoints.openai.shutdown import DrainingServer, GracefulShutdown
+from dist_infer.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("dist_infer.server")
 
@@ -68,6 +69,8 @@ class ServerSettings:
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); more get 503
     shutdown_timeout_s: float = 30.0  # on SIGTERM / SIGINT, requests in flight get this long to finish
+    tool_call_parser: str | None = None  # how tool calls are read from the model's text (tool_parsers' names)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (and tools without tool_choice) are served
 
     def __post_init__(self) -> None:
         if self.api_keys is None or isinstance(self.api_keys, str):
@@ -80,6 +83,12 @@ class ServerSettings:
         for name in ("request_timeout_s", "keep_alive_timeout_s", "ready_timeout_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser (--tool-call-parser) to read the "
+                             "model's calls")
 
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: int | None = None) -> FastAPI:
@@ -89,7 +98,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings, num_replicas: in
         num_replicas = len(getattr(getattr(engine, "engine", None), "cores", ())) or 1
     metrics = ServerMetrics(engine, settings.model_name, num_replicas, min(settings.ready_timeout_s, 10.0))
     serving = OpenAIServing(engine, settings.model_name, settings.max_waiting, metrics,
-                            settings.max_prompts_per_request)
+                            settings.max_prompts_per_request, settings.tool_call_parser,
+                            settings.enable_auto_tool_choice)
     info = ModelInfo(engine, settings.model_name)
     request_log = RequestLog(settings.log_requests, Redactor(settings.api_keys.secrets()))
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings

@@ -7,12 +7,13 @@ Three kinds of field:
   ``ignore_eos``, ``skip_special_tokens``, ``spaces_between_special_tokens``, ``include_stop_str_in_output``,
   ``bad_words``, ``allowed_token_ids``, ``prompt_logprobs``, ``add_generation_prompt``,
   ``continue_final_message``, ``chat_template_kwargs``, ``stream_options.continuous_usage_stats``,
-  ``priority``), and structured outputs: OpenAI's ``response_format`` (``json_object``, ``json_schema``),
+  ``priority``), structured outputs: OpenAI's ``response_format`` (``json_object``, ``json_schema``),
   vLLM's ``structured_outputs`` object and its older ``guided_json``, ``guided_regex``, ``guided_choice``,
-  ``guided_grammar`` (at most one of them per request);
-* **refused** ones (``REFUSED``) are OpenAI or vLLM features this server does not have yet (tools, audio,
-  ...). Ignoring them would answer a different question than the one asked, so a
-  request that sets one (to anything but its no-op value, e.g. ``tools: []``) gets a 400 naming the field and
+  ``guided_grammar`` (at most one of them per request), and tool calling (``tools``, ``tool_choice``,
+  ``parallel_tool_calls``, assistant messages with ``tool_calls``, ``tool`` messages; see ``tool_calls``);
+* **refused** ones (``REFUSED``) are OpenAI or vLLM features this server does not have yet (audio, the legacy
+  ``functions`` API, ...). Ignoring them would answer a different question than the one asked, so a request
+  that sets one (to anything but its no-op value, e.g. ``functions: []``) gets a 400 naming the field and
   saying it is not supported;
 * **unknown** ones (any other name, at any level: ``stream_options.foo``, ``messages[].reasoning_content``)
   follow vLLM: they are ignored and logged as a warning once per field name. Unlike vLLM, the client is told
@@ -24,6 +25,7 @@ Field types are strict (``"1"`` is not a number, ``1`` is not a bool).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any, ClassVar, Literal
@@ -31,26 +33,26 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_infer.entrypoints.openai.errors import OpenAIError
+from dist_infer.entrypoints.openai.tool_protocol import NamedToolChoice, Tool, ToolCall
 
 logger = logging.getLogger("dist_infer.server")
 
 MAX_LOGPROBS = 20
 _MAX_N = 16
 _MAX_STOP = 16
-_TOOLS = "tool calling is not supported yet"
+_TOOLS = "the legacy functions API is not supported; send tools and tool_choice"
 
 # name -> (its no-op values, which are accepted, and why the field is refused). ``None`` is always a no-op.
 REFUSED: dict[str, tuple[tuple, str]] = {
-    "tools": (([],), _TOOLS), "tool_choice": (("none",), _TOOLS), "functions": (([],), _TOOLS),
-    "function_call": (("none",), _TOOLS), "parallel_tool_calls": ((), _TOOLS),
+    "functions": (([],), _TOOLS), "function_call": (("none",), _TOOLS),
     "audio": ((), "audio output is not supported"), "modalities": ((["text"],), "only text output is supported"),
     "prediction": ((), "predicted outputs are not supported"),
     "web_search_options": ((), "web search is not supported"),
     "chat_template": ((), "a request cannot bring its own chat template; the model's is used"),
     "suffix": (("",), "insertion (suffix) is not supported"),
 }
-_CHAT_ONLY_REFUSED = {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
-                      "modalities", "prediction", "web_search_options", "chat_template"}
+_CHAT_ONLY_REFUSED = {"functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+                      "chat_template"}
 
 # apply_chat_template's own parameters: chat_template_kwargs must not reach them (they change what is rendered
 # or what is returned, and each that a client may set has its own field).
@@ -216,6 +218,24 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (its content may then be None)
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        for call in self.tool_calls or ():
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool_calls: the arguments of {call.function.name} must be a JSON object, got "
+                                 f"{call.function.arguments[:80]!r}")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -227,6 +247,19 @@ class ChatMessage(_Body):
             return "".join(parts)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """The message as chat templates read it (Hugging Face's tool-use layout): an assistant's calls with
+        their arguments as a dict (templates iterate or ``tojson`` them), a tool result with its call's id."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                message["name"] = self.name
+        return message
+
 
 class _ChatTemplating(_Body):
     """How a conversation becomes a prompt (chat completions and /tokenize)."""
@@ -235,6 +268,7 @@ class _ChatTemplating(_Body):
     add_generation_prompt: bool = True  # open the assistant's turn after the messages
     continue_final_message: bool = False  # leave the last (assistant) message open, to be continued
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template, e.g. enable_thinking
+    tools: list[Tool] | None = None  # functions the model may call, shown to it by the template
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -251,8 +285,20 @@ class _ChatTemplating(_Body):
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
         return self
 
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value):
+        names = [t.function.name for t in value or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"function names must be unique, {', '.join(twice)} repeats")
+        return value
+
     def conversation(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def template_tools(self) -> list[dict] | None:
+        return [t.for_template() for t in self.tools] if self.tools else None
 
     def template_kwargs(self) -> dict:
         return {**(self.chat_template_kwargs or {}), "continue_final_message": self.continue_final_message}
@@ -265,6 +311,24 @@ class ChatCompletionRequest(_ChatTemplating, _SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # vLLM: the answer starts with the last message's content when it is the assistant's
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool | None = None  # False: at most one call (enforced with required or named)
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice other than none needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named`` (OpenAI's default: auto when there are tools)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
 
 # ---- vLLM's /tokenize and /detokenize ----------------------------------------------------------------------

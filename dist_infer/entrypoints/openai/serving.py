@@ -11,7 +11,7 @@ it asks.
 With ``stream_options: {"include_usage": true, "continuous_usage_stats": true}`` (vLLM's extension, which
 benchmark tools such as guidellm send) every chunk carries ``usage`` too: its choice's prompt tokens and the
 tokens that choice has generated so far. The request's fields reach ``SamplingParams`` through
-``request_params``.
+``request_params``; tools, ``tool_choice`` and the answer's tool calls are read and written by ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dist_infer.entrypoints.openai.errors import OpenAIError
 from dist_infer.entrypoints.openai.formatting import chat_logprobs, completion_logprobs, usage
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from dist_infer.entrypoints.openai.request_params import sampling_params
+from dist_infer.entrypoints.openai.tool_calls import ChoiceStream, constrained, message, output_parser
 from dist_infer.outputs import RequestOutput
 from dist_infer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -78,8 +79,10 @@ class EventStream:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, max_waiting: int | None, metrics,
-                 max_prompts: int | None = None):
+                 max_prompts: int | None = None, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False):
         self.engine, self.model_name, self.metrics, self.max_prompts = engine, model_name, metrics, max_prompts
+        self.tool_call_parser, self.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
         self.admission = Admission(max_waiting, lambda: engine.num_waiting())
 
     # ---- shared checks ---------------------------------------------------------------------------------
@@ -286,10 +289,11 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, record=None):
         self.check_model(req.model)
         tokenizer = self.engine.tokenizer
+        parser = output_parser(req, self.tool_call_parser, self.enable_auto_tool_choice)  # see tool_calls
         try:
             conversation = req.conversation()
             prompt = chat_prompt(tokenizer, conversation, req.add_generation_prompt,
-                                 template_kwargs=req.template_kwargs())
+                                 template_kwargs=req.template_kwargs(), tools=req.template_tools())
         except Exception as e:  # the template rejects the conversation (roles, order, content)
             raise OpenAIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
         num_top = req.top_logprobs or 0
@@ -298,6 +302,8 @@ class OpenAIServing:
             raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         choices = self._choices([prompt], req, max_tokens, logprobs, req.stream, "chatcmpl")
+        for c in choices:
+            c.params = constrained(c.params, req)  # what tool_choice required / named forces
         reservation = self.admission.reserve(len(choices))
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._note_prompts(record, choices, req.n, lambda: [f"{m['role']}: {m['content']}" for m in conversation])
@@ -306,12 +312,14 @@ class OpenAIServing:
 
         if not req.stream:
             await self._collect(choices, req.priority, reservation, record)
+            answers = []
+            for c in choices:
+                answer, finish_reason = message(parser, c.text, c.finish_reason, echo)
+                answers.append({"index": c.index, "message": answer, "finish_reason": finish_reason,
+                                "logprobs": chat_logprobs(c.token_ids, c.logprobs, num_top, tokenizer)
+                                if req.logprobs else None})
             return {"id": response_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
-                                 "finish_reason": c.finish_reason,
-                                 "logprobs": chat_logprobs(c.token_ids, c.logprobs, num_top, tokenizer)
-                                 if req.logprobs else None} for c in choices],
-                    "usage": self._usage(choices, req.n)}
+                    "choices": answers, "usage": self._usage(choices, req.n)}
 
         def chunk(choice, delta, finish_reason=None, lp=None):
             return _sse(self._with_usage({
@@ -320,6 +328,7 @@ class OpenAIServing:
                 choice, req.continuous_usage))
 
         async def pieces():
+            streams = {c.index: ChoiceStream(parser) for c in choices}
             for c in choices:
                 yield chunk(c, {"role": "assistant", "content": ""})
                 if echo:
@@ -327,7 +336,8 @@ class OpenAIServing:
             async for choice, out in self._events(choices, req.priority, reservation):
                 text, token_ids, lps = self._absorb(choice, out)
                 lp = chat_logprobs(token_ids, lps, num_top, tokenizer) if req.logprobs else None
-                yield chunk(choice, {"content": text} if text else {}, choice.finish_reason, lp)
+                delta, finish_reason = streams[choice.index].delta(text, choice.finish_reason)
+                yield chunk(choice, delta, finish_reason, lp)
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name, "choices": [],

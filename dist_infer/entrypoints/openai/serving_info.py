@@ -3,7 +3,7 @@
 
 ``/tokenize`` takes ``{"prompt": text, "add_special_tokens": true}`` (tokenized as ``/v1/completions``
 tokenizes a text prompt) or ``{"messages": [...], "add_generation_prompt": true, "add_special_tokens": false}``
-(rendered by the chat template as ``/v1/chat/completions`` renders it) and answers
+(rendered by the chat template as ``/v1/chat/completions`` renders it, ``tools`` included) and answers
 ``{"count", "max_model_len", "tokens"}``, plus ``token_strs`` (the tokenizer's own token strings) with
 ``return_token_strs``. ``/detokenize`` takes ``{"tokens": [...]}`` and answers ``{"prompt": text}``. Both take
 an optional ``model``, which must be the served one.
@@ -57,7 +57,7 @@ class ModelInfo:
         if isinstance(req, TokenizeChatRequest):
             try:
                 text = chat_prompt(tokenizer, req.conversation(), req.add_generation_prompt,
-                                   template_kwargs=req.template_kwargs())["prompt"]
+                                   template_kwargs=req.template_kwargs(), tools=req.template_tools())["prompt"]
             except Exception as e:  # the template rejects the conversation
                 raise OpenAIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
         else:
