@@ -52,3 +52,51 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+
+
+class InProcessServer:
+    """``build_app`` on a real engine (``engine_args``) served by uvicorn on a thread, with ``settings`` (a
+    ``ServerSettings``); ``calls`` holds each (prompt, params) that reached the engine's ``generate``."""
+
+    def __init__(self, settings, **engine_args):
+        import threading
+
+        import uvicorn
+
+        from dist_infer import AsyncLLMEngine
+        from dist_infer.entrypoints.openai.api_server import build_app
+        from dist_infer.entrypoints.openai.http_server import uvicorn_config
+
+        self.engine = AsyncLLMEngine.from_engine_args(**engine_args)
+        self.calls: list[tuple] = []
+        real = self.engine.generate
+
+        def spy(prompt, params, request_id=None, priority=0, replica=None):
+            self.calls.append((prompt, params))
+            return real(prompt, params, request_id, priority, replica)
+
+        self.engine.generate = spy
+        port = get_open_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn_config(build_app(self.engine, settings), "127.0.0.1", port, "warning",
+                                                    settings))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.shutdown()
+
+
+def with_chat_template(model_dir: str, dest, template: str) -> str:
+    """A copy of ``model_dir`` at ``dest`` whose chat template is ``template`` (Jinja text)."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    (dest / "chat_template.jinja").write_text(template)
+    return str(dest)

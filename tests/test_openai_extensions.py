@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import threading
-import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -23,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from dist_infer.distributed.utils import get_open_port
+from server_helpers import InProcessServer, with_chat_template
 from dist_infer.sampling_params import SamplingParams
 
 KEY = "sk-extensions-test"
@@ -39,10 +36,7 @@ TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_with_tokenizer, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ext") / "tiny"
-    shutil.copytree(tiny_llama_with_tokenizer, path)
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    return str(path)
+    return with_chat_template(tiny_llama_with_tokenizer, tmp_path_factory.mktemp("ext") / "tiny", TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -52,48 +46,11 @@ def hf_tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-class _Served:
-    """``build_app`` on a real engine, served by uvicorn on a thread; ``calls`` holds each (prompt, params)
-    that reached the engine's ``generate``."""
-
-    def __init__(self, model_dir: str):
-        import uvicorn
-
-        from dist_infer import AsyncLLMEngine
-        from dist_infer.entrypoints.openai.api_server import ServerSettings, build_app
-        from dist_infer.entrypoints.openai.http_server import uvicorn_config
-
-        self.engine = AsyncLLMEngine.from_engine_args(model=model_dir, kv_cache_memory=1 << 22,
-                                                      max_model_len=MAX_MODEL_LEN)
-        self.calls: list[tuple[dict, SamplingParams]] = []
-        real = self.engine.generate
-
-        def spy(prompt, params, request_id=None, priority=0, replica=None):
-            self.calls.append((prompt, params))
-            return real(prompt, params, request_id, priority, replica)
-
-        self.engine.generate = spy
-        settings = ServerSettings(MODEL, KEY)
-        port = get_open_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn_config(build_app(self.engine, settings), "127.0.0.1", port, "warning",
-                                                    settings))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.engine.shutdown()
-
-
 @pytest.fixture(scope="module")
 def served(model_dir):
-    served = _Served(model_dir)
+    from dist_infer.entrypoints.openai.api_server import ServerSettings
+
+    served = InProcessServer(ServerSettings(MODEL, KEY), model=model_dir, kv_cache_memory=1 << 22, max_model_len=MAX_MODEL_LEN)
     yield served
     served.stop()
 

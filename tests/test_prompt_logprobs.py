@@ -358,8 +358,10 @@ def test_lm_eval_loglikelihoods_match_hf(served, tmp_path, monkeypatch):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     samples = sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(MC_DOCS)
+    correct = []
     for doc, sample in zip(MC_DOCS, samples):
         assert len(sample["resps"]) == len(doc["choices"])
+        scores = []
         for choice, resp in zip(doc["choices"], sample["resps"]):
             # lm-eval's pair encoding: whole = tokens(context + " " + choice); the continuation is what follows
             # the context's own tokens.
@@ -369,3 +371,7 @@ def test_lm_eval_loglikelihoods_match_hf(served, tmp_path, monkeypatch):
             expected = sum(ref[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
             loglikelihood, _ = resp[0]
             assert abs(loglikelihood - expected) <= ATOL * (len(whole) - len(context_ids)), (doc, choice)
+            scores.append(expected)
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    # The accuracy lm-eval reports is the one HF's own loglikelihoods give.
+    assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))

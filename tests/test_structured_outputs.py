@@ -138,6 +138,21 @@ def test_regex_choice_and_grammar(llm):
         assert re.fullmatch(r"(red|green|blue)(,(red|green|blue)){0,2}", text), text
 
 
+def test_workers_in_other_processes_constrain_alike(llm, tiny_llama_with_tokenizer):
+    """mp, tp=2 x pp=2: the sampling rank (last stage, tp rank 0) is another process that loads the tokenizer
+    and compiles the grammars itself; its seeded, constrained outputs equal one process's."""
+    params = [_params(s, json=SCHEMA) for s in range(4)] + [_params(s, choice=["yes", "no", "maybe so"])
+                                                             for s in range(4)]
+    alone = _texts(llm.generate([PROMPT] * len(params), params, use_tqdm=False))
+    with LLM(model=tiny_llama_with_tokenizer, max_model_len=512, kv_cache_memory=1 << 24,
+             distributed_executor_backend="mp", tensor_parallel_size=2, pipeline_parallel_size=2) as spread:
+        outputs = spread.generate([PROMPT] * len(params), params, use_tqdm=False)
+    _all_stopped(outputs)
+    for text in _texts(outputs)[:4]:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert _texts(outputs) == alone
+
+
 def test_json_object_parses(llm):
     tok = llm.get_tokenizer()
     # Any JSON object is unbounded (a random model would rarely close a string); a bias towards the closing

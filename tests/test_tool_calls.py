@@ -15,9 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
-import threading
-import time
 
 import httpx
 import jsonschema
@@ -25,7 +22,7 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from dist_infer.distributed.utils import get_open_port
+from server_helpers import InProcessServer, with_chat_template
 from dist_infer.entrypoints.openai.errors import OpenAIError
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest
 from dist_infer.entrypoints.openai.tool_calls import output_parser, tool_choice_constraint
@@ -318,10 +315,7 @@ HF_MESSAGES = [
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_with_tokenizer, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tools") / "tiny"
-    shutil.copytree(tiny_llama_with_tokenizer, path)
-    (path / "chat_template.jinja").write_text(QWEN_TEMPLATE)
-    return str(path)
+    return with_chat_template(tiny_llama_with_tokenizer, tmp_path_factory.mktemp("tools") / "tiny", QWEN_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -348,47 +342,11 @@ def test_prompt_with_tools_calls_and_results_is_hf_template(hf_tokenizer):
 
 # ---- a real server ----------------------------------------------------------------------------------------
 
-class _Served:
-    """``build_app`` on a real engine (tiny random model, Qwen2.5's template, the hermes parser, auto tool
-    choice on), served by uvicorn on a thread; ``calls`` holds each (prompt, params) the engine got."""
-
-    def __init__(self, model_dir: str):
-        import uvicorn
-
-        from dist_infer import AsyncLLMEngine
-        from dist_infer.entrypoints.openai.api_server import ServerSettings, build_app
-        from dist_infer.entrypoints.openai.http_server import uvicorn_config
-
-        self.engine = AsyncLLMEngine.from_engine_args(model=model_dir, kv_cache_memory=1 << 22, max_model_len=512)
-        self.calls: list[tuple[dict, SamplingParams]] = []
-        real = self.engine.generate
-
-        def spy(prompt, params, request_id=None, priority=0, replica=None):
-            self.calls.append((prompt, params))
-            return real(prompt, params, request_id, priority, replica)
-
-        self.engine.generate = spy
-        settings = ServerSettings(MODEL, KEY, tool_call_parser="hermes", enable_auto_tool_choice=True)
-        port = get_open_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn_config(build_app(self.engine, settings), "127.0.0.1", port, "warning",
-                                                    settings))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.engine.shutdown()
-
-
 @pytest.fixture(scope="module")
 def served(model_dir):
-    served = _Served(model_dir)
+    from dist_infer.entrypoints.openai.api_server import ServerSettings
+
+    served = InProcessServer(ServerSettings(MODEL, KEY, tool_call_parser="hermes", enable_auto_tool_choice=True), model=model_dir, kv_cache_memory=1 << 22, max_model_len=512)
     yield served
     served.stop()
 

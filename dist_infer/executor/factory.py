@@ -99,21 +99,23 @@ class ExecutorGroup(Executor):
                        ranks: list[int] | None = None) -> list:
         if self._shared is not None:
             return self._shared.collective_rpc(method, args, kwargs, ranks)
-        ranks, parts = self._split(ranks)
-        results = {}
-        for executor, rs in parts:
-            results.update(zip(rs, executor.collective_rpc(method, args, kwargs, rs)))
-        return [results[r] for r in ranks]
+        return self._per_replica("collective_rpc", method, args, kwargs, ranks)
 
     def start_rpc(self, method: Method, args: tuple = (), kwargs: dict | None = None,
                   ranks: list[int] | None = None) -> list[Future]:
         if self._shared is not None:
             return self._shared.start_rpc(method, args, kwargs, ranks)
+        return self._per_replica("start_rpc", method, args, kwargs, ranks)
+
+    def _per_replica(self, call: str, method: Method, args: tuple, kwargs: dict | None,
+                     ranks: list[int] | None) -> list:
+        """``call`` (collective_rpc or start_rpc) on each replica's executor for its share of ``ranks``; the
+        answers in ``ranks`` order."""
         ranks, parts = self._split(ranks)
-        futures = {}
+        answers = {}
         for executor, rs in parts:
-            futures.update(zip(rs, executor.start_rpc(method, args, kwargs, rs)))
-        return [futures[r] for r in ranks]
+            answers.update(zip(rs, getattr(executor, call)(method, args, kwargs, rs)))
+        return [answers[r] for r in ranks]
 
     def _split(self, ranks: list[int] | None) -> tuple[list[int], list[tuple[Executor, list[int]]]]:
         """``ranks`` (default: every running worker's) and, per replica executor, the ones it holds."""
