@@ -90,7 +90,7 @@ class StructuredOutputs:
                 compiler = self._compiler()
                 state.grammar = RequestGrammar(compiler.compile(spec_of(params)), compiler.stop_token_ids,
                                                state.req_id)
-            state.grammar.sync(state.token_ids[state.num_prompt_tokens:])
+            state.grammar.sync(state.token_ids, state.num_prompt_tokens)
             state.grammar.fill(bitmask, row)
         return time.perf_counter() - start
 

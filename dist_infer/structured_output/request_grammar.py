@@ -27,16 +27,17 @@ class RequestGrammar:
         self.num_consumed = 0  # output tokens consumed so far
         self.failed = False  # a token the grammar does not allow was generated (cannot happen under the mask)
 
-    def sync(self, output: list[int]) -> None:
-        """Consumes ``output[num_consumed:]``."""
-        for token in output[self.num_consumed:]:
+    def sync(self, token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Consumes the output tokens (``token_ids`` after ``num_prompt_tokens``) not consumed yet: usually the
+        one sampled last step (the slice is of those only, not of the whole output, every step)."""
+        for token in token_ids[num_prompt_tokens + self.num_consumed:]:
             if self.failed or self.matcher.is_terminated():
                 break
             if not self.matcher.accept_token(token):
                 logger.warning("request %s: token %d is outside its grammar; only EOS is allowed from here",
                                self.req_id, token)
                 self.failed = True
-        self.num_consumed = len(output)
+        self.num_consumed = len(token_ids) - num_prompt_tokens
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Writes the tokens allowed next into ``bitmask[row]`` (int32 words, bit ``t % 32`` of word ``t // 32``)."""
