@@ -239,6 +239,12 @@ class ParallelConfig:
     worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
 
+    @property
+    def experts_span_replicas(self) -> bool:
+        """Experts spread over the workers of several data-parallel replicas: the replicas then share one
+        world and step in lockstep."""
+        return bool(getattr(self, "enable_expert_parallel", False)) and self.data_parallel_size > 1
+
     def __post_init__(self) -> None:
         if self.max_batches_in_flight is None:
             self.max_batches_in_flight = self.pipeline_parallel_size
@@ -327,6 +333,11 @@ class EngineConfig:
             raise ValueError(
                 f"autoscaling (max_replicas={autoscaling.max_replicas}) needs replicas that start and stop on their "
                 f"own: distributed_executor_backend 'mp' or 'ray', not {parallel.distributed_executor_backend!r}")
+        if parallel.experts_span_replicas and autoscaling.enabled:
+            raise ValueError(
+                f"autoscaling cannot add or remove replicas whose experts are spread over each other's workers "
+                f"(enable_expert_parallel with data_parallel_size={parallel.data_parallel_size}): they share one "
+                f"world; turn autoscaling off or expert parallelism across replicas off")
         tp = parallel.tensor_parallel_size
         intermediate = model.hf_config.intermediate_size
         valid = valid_tensor_parallel_sizes(model.num_heads, model.num_kv_heads, intermediate)

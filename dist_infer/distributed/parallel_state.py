@@ -141,7 +141,7 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
             if local[rank] in ranks:
                 _GROUPS[name] = ParallelGroup(name, ranks, ranks.index(local[rank]), device_group, cpu_group)
     assert (get_tp_group().rank_in_group, get_pp_group().rank_in_group) == (tp_rank, pp_rank)
-    assert get_dp_group().rank_in_group == (dp_rank if world_ranks is None else 0)
+    assert get_dp_group().rank_in_group == replicas.index(dp_rank)
 
 
 def destroy_distributed() -> None:

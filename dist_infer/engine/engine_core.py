@@ -3,6 +3,10 @@
 With pipeline parallelism the core keeps up to ``max_batches_in_flight`` (default: the number of stages)
 steps in flight, each over requests the others do not hold, so every stage has work: while stage 1 runs
 step k, stage 0 runs step k+1.
+
+Replicas that step in lockstep (their workers meet inside the model: experts spread over replicas) also send
+empty steps: a replica with nothing to run still runs the model on no tokens, so that its workers join the
+others' collectives (``ReplicaManager``).
 """
 
 from __future__ import annotations
@@ -30,20 +34,30 @@ class EngineCore:
         self.max_batches_in_flight = min(executor.max_batches_in_flight, config.parallel_config.max_batches_in_flight)
 
     def fill_pipeline(self) -> None:
-        """Schedules and starts steps until the pipeline is full or nothing more can run.
+        """Schedules and starts steps until the pipeline is full or nothing more can run."""
+        while self.has_room:
+            scheduled = self.schedule_next()
+            if not scheduled.num_scheduled_tokens:
+                return
+            self.start(scheduled)
 
-        With several steps in flight, each takes at most its share of the requests, so that the steps that
-        follow have requests of their own and every stage stays busy."""
+    @property
+    def has_room(self) -> bool:
+        return len(self.in_flight) < self.max_batches_in_flight
+
+    def schedule_next(self) -> SchedulerOutput:
+        """The next step's batch (possibly empty). With several steps in flight, each takes at most its share
+        of the requests, so that the steps that follow have requests of their own and every stage stays busy."""
         cap = None
         if self.max_batches_in_flight > 1:
             active = min(self.scheduler.num_unfinished, self.scheduler.config.max_num_seqs)
             cap = max(1, -(-active // self.max_batches_in_flight))
-        while len(self.in_flight) < self.max_batches_in_flight:
-            scheduled = self.scheduler.schedule(cap)
-            if not scheduled.num_scheduled_tokens:
-                return
-            self.in_flight.append((scheduled, self.executor.execute_model(scheduled, self.replica)))
-            self._started.append(time.monotonic())
+        return self.scheduler.schedule(cap)
+
+    def start(self, scheduled: SchedulerOutput) -> None:
+        """Hands a step to the workers; an empty one only runs the model on no tokens (lockstep)."""
+        self.in_flight.append((scheduled, self.executor.execute_model(scheduled, self.replica)))
+        self._started.append(time.monotonic())
 
     @property
     def oldest(self) -> Future | None:
@@ -58,7 +72,10 @@ class EngineCore:
         """Applies the oldest step's result (it must be done); raises the worker's error if it failed."""
         scheduled, future = self.in_flight.popleft()
         self._started.popleft()
-        return self.scheduler.update_from_output(scheduled, future.result())
+        result = future.result()
+        if not scheduled.num_scheduled_tokens:  # a lockstep filler: nothing to apply
+            return []
+        return self.scheduler.update_from_output(scheduled, result)
 
     @property
     def idle(self) -> bool:

@@ -60,7 +60,8 @@ class LLMEngine:
     def _build_replicas(self, count: int) -> None:
         """Starts every replica's workers: local processes in parallel, Ray replicas one after the other (each
         placement sees where the earlier replicas' workers went)."""
-        if not self.executor.isolated or count == 1 or self.config.parallel_config.distributed_executor_backend == "ray":
+        if (not self.executor.isolated or self.executor.lockstep or count == 1
+                or self.config.parallel_config.distributed_executor_backend == "ray"):
             for d in range(count):
                 self.executor.build(d)
             return

@@ -15,8 +15,10 @@
   ones are built in the background, surplus ones drain: they leave the router, finish what they hold (after
   ``drain_timeout_s`` they move the rest) and stop.
 
-Engines whose replicas share one launch (``uni``, ``torchrun``) cannot lose one replica alone: there a step
-failure is raised to the caller and ends the engine.
+Engines whose replicas share one launch (``uni``, ``torchrun``) or one world (experts spread over the
+replicas) cannot lose one replica alone: there a step failure is raised to the caller and ends the engine.
+Replicas that share a world step in lockstep: whenever one runs a step every other runs one too, empty if
+it has nothing to do, so that the collectives inside the model find every worker.
 """
 
 from __future__ import annotations
@@ -132,8 +134,10 @@ class ReplicaManager:
         self._place_orphans()
         self._expire_orphans()
         self._progress_drains()
+        if self.executors.lockstep:
+            self._fill_in_lockstep([r.core for r in self.replicas.values() if r.steps])
         for replica in self.replicas.values():
-            if replica.steps:
+            if replica.steps and not self.executors.lockstep:
                 try:
                     replica.core.fill_pipeline()
                 except Exception as e:  # the executor refused the step (its workers are gone)
@@ -148,6 +152,18 @@ class ReplicaManager:
             if output.finish_reason is not None:
                 self.owner.pop(output.req_id, None)
         return outputs
+
+    @staticmethod
+    def _fill_in_lockstep(cores: list[EngineCore]) -> None:
+        """Starts steps on every replica at once while each has room and any has work; the ones without work
+        run an empty step. Each worker runs its calls in order, so the k-th step of every replica meets the
+        k-th of the others in the model's collectives."""
+        while cores and all(core.has_room for core in cores):
+            batches = [core.schedule_next() for core in cores]
+            if not any(batch.num_scheduled_tokens for batch in batches):
+                return
+            for core, batch in zip(cores, batches):
+                core.start(batch)
 
     def _wait_for_results(self) -> list[Replica]:
         busy = [r for r in self.replicas.values() if r.steps and r.core.oldest is not None]
@@ -188,19 +204,28 @@ class ReplicaManager:
             raise error  # one launch for every replica: the engine cannot go on without this one
         if replica.state in (ReplicaState.FAILED, ReplicaState.STOPPED):
             return
-        replica.events.failures += 1
-        replica.events.last_error = str(error)
-        logger.error("replica %d failed: %s", replica.index, error)
+        # Replicas in lockstep share one world: they fail together and come back with one rebuild.
+        group = [replica]
+        if self.executors.lockstep:
+            group += [r for r in self.replicas.values() if r is not replica
+                      and r.state not in (ReplicaState.FAILED, ReplicaState.STOPPED)]
         leaving = replica.state == ReplicaState.DRAINING or replica.stop_when_built  # scaled down: not rebuilt
-        moved = replica.core.scheduler.take_all()
-        replica.core = None
-        self.router.forget_replica(replica.index)
-        replica.set_state(ReplicaState.FAILED)
+        moved = []
+        for member in group:
+            member.events.failures += 1
+            member.events.last_error = str(error) if member is replica else f"replica {replica.index} failed: {error}"
+            logger.error("replica %d failed: %s", member.index, member.events.last_error)
+            moved.append((member, member.core.scheduler.take_all()))
+            member.core = None
+            self.router.forget_replica(member.index)
+            member.set_state(ReplicaState.FAILED)
         if leaving or self.replica_config.max_replica_restarts == 0:
-            self._give_up(replica, str(error))
+            for member in group:
+                self._give_up(member, member.events.last_error)
         else:
             self.supervisor.rebuild(replica.index)
-        self._migrate(replica, moved)
+        for member, requests in moved:
+            self._migrate(member, requests)
 
     def _migrate(self, source: Replica, requests: list[Request], failure: bool = True) -> None:
         """Moves ``requests`` off ``source``; a move after a failure counts against ``migration_limit``, the
@@ -249,25 +274,32 @@ class ReplicaManager:
 
     def _apply_builds(self) -> None:
         for result in self.supervisor.take_results():
-            replica = self.replicas[result.replica]
-            replica.events.rebuild_failures += result.failed_attempts
-            if result.executor is None:
-                logger.error("replica %d: giving up after %d failed build(s): %s", replica.index,
-                             result.failed_attempts, result.error)
-                self._give_up(replica, result.error)
-                continue
-            if replica.stop_when_built:
-                replica.set_state(ReplicaState.STOPPED)
-                self.supervisor.stop(replica.index)
-                continue
-            rebuilt = replica.state == ReplicaState.FAILED
-            replica.core = EngineCore(self.config, self.num_blocks, replica.index, self.executors)
-            replica.set_state(ReplicaState.SERVING)
-            if rebuilt:
-                replica.events.rebuilds += 1
-            replica.events.rebuild_seconds.append(result.seconds)
-            logger.warning("replica %d %s in %.1fs", replica.index, "rebuilt" if rebuilt else "started",
-                           result.seconds)
+            built = self.replicas[result.replica]
+            # In lockstep one build brings back every failed replica of the shared world.
+            group = [built] + ([r for r in self.replicas.values() if r is not built and r.state == ReplicaState.FAILED]
+                               if self.executors.lockstep else [])
+            for replica in group:
+                self._apply_build(replica, result)
+
+    def _apply_build(self, replica: Replica, result) -> None:
+        replica.events.rebuild_failures += result.failed_attempts
+        if result.executor is None:
+            logger.error("replica %d: giving up after %d failed build(s): %s", replica.index,
+                         result.failed_attempts, result.error)
+            self._give_up(replica, result.error)
+            return
+        if replica.stop_when_built:
+            replica.set_state(ReplicaState.STOPPED)
+            self.supervisor.stop(replica.index)
+            return
+        rebuilt = replica.state == ReplicaState.FAILED
+        replica.core = EngineCore(self.config, self.num_blocks, replica.index, self.executors)
+        replica.set_state(ReplicaState.SERVING)
+        if rebuilt:
+            replica.events.rebuilds += 1
+        replica.events.rebuild_seconds.append(result.seconds)
+        logger.warning("replica %d %s in %.1fs", replica.index, "rebuilt" if rebuilt else "started",
+                       result.seconds)
 
     # ---- scaling -----------------------------------------------------------------------------------------
     def set_target(self, count: int) -> None:
@@ -276,6 +308,9 @@ class ReplicaManager:
             raise ValueError(f"the replica count must be an int >= 1, got {count!r}")
         if not self.isolated and count != self.target:
             raise ValueError("replicas can be added and removed only with the 'mp' or 'ray' backend")
+        if self.executors.lockstep and count != self.target:
+            raise ValueError("replicas whose experts are spread over each other's workers share one world: they "
+                             "cannot be added or removed one by one")
         self.target = count
         active = [r for r in self.replicas.values()
                   if r.state in (ReplicaState.STARTING, ReplicaState.SERVING, ReplicaState.FAILED)

@@ -58,14 +58,16 @@ class StepFuture(Future):
 class DistributedExecutor(Executor):
     """Executors whose workers live in other processes (local or Ray): the workers of one data-parallel
     replica (``replica``), which form a torch world of their own, so that the replica fails and is rebuilt
-    alone. ``handles`` maps each of its global ranks to its worker."""
+    alone; or, with ``replica=None``, the workers of every replica in one world (replicas whose experts are
+    spread over each other's workers). ``handles`` maps each of its global ranks to its worker."""
 
     handles: dict[int, WorkerHandle]
 
-    def __init__(self, config, replica: int = 0):
+    def __init__(self, config, replica: int | None = 0):
         super().__init__(config)
         self.replica = replica
-        self.ranks = self.layout.replica_ranks(replica)
+        self.replicas = list(range(self.layout.dp)) if replica is None else [replica]
+        self.ranks = [r for d in self.replicas for r in self.layout.replica_ranks(d)]
         self.handles = {}
 
     @property
@@ -103,7 +105,7 @@ class DistributedExecutor(Executor):
         self.wait_all(loads, list(self.ranks), "load", self.config.parallel_config.worker_load_timeout_s)
 
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
-        ranks = self.ranks
+        ranks = self.layout.replica_ranks(replica)
         payload = self.prepare_payload(scheduler_output)
         futures = [self.handles[r].call("execute_model", (payload,)) for r in ranks]
         return StepFuture(futures, ranks, self.layout.output_rank(replica))

@@ -4,6 +4,10 @@
 is torn down and is rebuilt, and replicas can be added and removed while the others run. ``uni`` (one worker)
 and ``torchrun`` (one SPMD launch, whose failure ends the job) have one executor for every replica.
 ``ExecutorGroup`` offers the engine the executor interface over all of them, by global rank.
+
+Replicas whose experts are spread over each other's workers (expert parallelism with ``data_parallel_size``
+> 1) exchange tokens in every MoE layer, so they share one torch world and one executor (registered under
+every replica's index), fail and are rebuilt together, and step in lockstep (``ExecutorGroup.lockstep``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
 from dist_infer.executor.base import Executor, Method
 
 
-def create_executor(config: EngineConfig, replica: int = 0, workers_per_node: Counter | None = None) -> Executor:
-    """The executor for the config's backend: for ``mp`` and ``ray`` the workers of ``replica`` alone,
-    otherwise every worker."""
+def create_executor(config: EngineConfig, replica: int | None = 0,
+                    workers_per_node: Counter | None = None) -> Executor:
+    """The executor for the config's backend: for ``mp`` and ``ray`` the workers of ``replica`` alone
+    (``None``: of every replica, in one world), otherwise every worker."""
     backend = config.parallel_config.distributed_executor_backend
     if backend == "uni":
         from dist_infer.executor.uniproc import UniProcExecutor
@@ -49,11 +54,14 @@ class ExecutorGroup(Executor):
     """The executor of each live replica; calls by global rank go to the executor that holds the rank.
 
     ``isolated``: replicas have executors of their own (``mp``, ``ray``) and can fail, be rebuilt, added and
-    removed one by one. Otherwise one executor serves every replica and a failure is the engine's."""
+    removed one by one. Otherwise one executor serves every replica and a failure is the engine's.
+    ``lockstep``: the replicas' steps must run together (every replica joins every step, with an empty batch
+    when it has nothing to run), since their workers meet in collectives inside the model."""
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         backend = config.parallel_config.distributed_executor_backend
+        self.lockstep = config.parallel_config.experts_span_replicas
         self.isolated = backend in ("mp", "ray")
         self._lock = threading.Lock()  # replicas are built and torn down on other threads than the engine's
         self._executors: dict[int, Executor] = {}
@@ -64,7 +72,7 @@ class ExecutorGroup(Executor):
 
             self._owns_ray = RayExecutor.open_session(config, planned_workers(config))
         if not self.isolated:
-            self._shared = create_executor(config)
+            self._shared = create_executor(config, replica=None)
 
     @property
     def max_batches_in_flight(self) -> int:
@@ -75,15 +83,26 @@ class ExecutorGroup(Executor):
         returns its executor once they have loaded."""
         if not self.isolated:
             return self._shared
+        if self.lockstep:  # one world for every replica, built once
+            with self._lock:
+                if replica in self._executors:
+                    return self._executors[replica]
+            executor = create_executor(self.config, None)
+            with self._lock:
+                self._executors.update({d: executor for d in range(self.layout.dp)})
+            return executor
         executor = create_executor(self.config, replica, self._workers_per_node(excluding=replica))
         with self._lock:
             self._executors[replica] = executor
         return executor
 
     def remove(self, replica: int, graceful: bool = True) -> None:
-        """Stops the workers of ``replica`` (``graceful=False``: at once, they may be hung)."""
+        """Stops the workers of ``replica`` (``graceful=False``: at once, they may be hung); in lockstep, of
+        every replica, as they share one world."""
         with self._lock:
             executor = self._executors.pop(replica, None)
+            if executor is not None and self.lockstep:
+                self._executors = {d: e for d, e in self._executors.items() if e is not executor}
         if executor is not None:
             executor.shutdown(graceful)
 
@@ -137,14 +156,14 @@ class ExecutorGroup(Executor):
     def node_ids(self) -> list[str]:
         """The node of each running worker, in rank order (Ray; one local node otherwise)."""
         with self._lock:
-            executors = [self._executors[d] for d in sorted(self._executors)]
+            executors = list({id(e): e for e in (self._executors[d] for d in sorted(self._executors))}.values())
         if executors and hasattr(executors[0], "node_ids"):
             return [n for e in executors for n in e.node_ids()]
         return ["local"] * len(self.collective_rpc("ping"))
 
     def shutdown(self, graceful: bool = True) -> None:
         with self._lock:
-            executors, self._executors = list(self._executors.values()), {}
+            executors, self._executors = list({id(e): e for e in self._executors.values()}.values()), {}
         for executor in executors:
             executor.shutdown(graceful)
         if self._shared is not None:

@@ -171,9 +171,10 @@ class ProcessWorker(WorkerHandle):
 
 
 class MultiprocExecutor(DistributedExecutor):
-    """The workers of one data-parallel replica as child processes of this one, with a rendezvous of their own."""
+    """The workers of one data-parallel replica (``None``: of every replica) as child processes of this one,
+    with a rendezvous of their own."""
 
-    def __init__(self, config: EngineConfig, replica: int = 0, workers_on_host: int | None = None):
+    def __init__(self, config: EngineConfig, replica: int | None = 0, workers_on_host: int | None = None):
         """``workers_on_host``: how many workers this host runs at most over every replica (default: the
         layout's world); they share its cores and its CPU KV-cache budget."""
         super().__init__(config, replica)

@@ -127,9 +127,10 @@ class RayWorker(WorkerHandle):
 
 
 class RayExecutor(DistributedExecutor):
-    """The workers of one data-parallel replica as Ray actors, in placement groups of their own."""
+    """The workers of one data-parallel replica (``None``: of every replica, in one world) as Ray actors, in
+    placement groups of their own (one per replica and stage)."""
 
-    def __init__(self, config: EngineConfig, replica: int = 0, workers_per_node: Counter | None = None):
+    def __init__(self, config: EngineConfig, replica: int | None = 0, workers_per_node: Counter | None = None):
         """``workers_per_node``: this engine's workers already running on each node (other replicas); they
         share a node's RAM with this replica's, so they split its CPU KV-cache budget."""
         super().__init__(config, replica)
@@ -165,17 +166,20 @@ class RayExecutor(DistributedExecutor):
         import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        size = self.layout.replica_size
+        size = len(self.ranks)
         need_total = {k: v * size for k, v in bundle.items()}
         have_total = {k: sum(n.get(k, 0) for n in nodes) for k in bundle}
         best_node = {k: max((n.get(k, 0) for n in nodes), default=0) for k in bundle}
         stage = {k: v * self.layout.tp for k, v in bundle.items()}
         if any(have_total[k] < need_total[k] for k in bundle) or any(best_node[k] < stage[k] for k in bundle):
             raise RuntimeError(
-                f"the Ray cluster cannot hold replica {self.replica}: its {size} workers need {need_total} in all "
+                f"the Ray cluster cannot hold {self._what()}: its {size} workers need {need_total} in all "
                 f"and {stage} on one node per tensor-parallel group; the cluster has {have_total} in all, at most "
                 f"{best_node} on one node"
             )
+
+    def _what(self) -> str:
+        return f"replica {self.replica}" if self.replica is not None else f"replicas {self.replicas}"
 
     def _bundle(self) -> dict:
         import ray
@@ -185,14 +189,39 @@ class RayExecutor(DistributedExecutor):
 
     def _start_workers(self, config: EngineConfig, workers_per_node: Counter) -> None:
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        layout, parallel, d = self.layout, config.parallel_config, self.replica
+        layout, parallel = self.layout, config.parallel_config
         bundle = self._bundle()
         self._check_fits(bundle)
         actor_cls = ray.remote(RayWorkerActor)
         actors: dict[int, object] = {}
+        for d in self.replicas:
+            self._place_replica(d, bundle, actor_cls, actors, parallel)
+        self.handles = {r: RayWorker(actors[r], r, layout.coords(r)) for r in self.ranks}
+        infos = ray.get([self.handles[r].actor.node_info.remote() for r in self.ranks])
+        self.nodes = [info["node_id"] for info in infos]
+        first = self.handles[self.ranks[0]]
+        if all(info["node_id"] == ray.get_runtime_context().get_node_id() for info in infos):
+            self.rendezvous = LocalRendezvous()  # every rank beside the driver: no TCP port at all
+            init_method = self.rendezvous.init_method
+        else:
+            ip = infos[0]["ip"]
+            self._check_rendezvous(ip, infos)
+            init_method = tcp_init_method(ip, ray.get(first.actor.free_port.remote()))
+        # Workers on one node share its RAM, so they split its CPU KV-cache budget.
+        per_node = Counter(self.nodes) + workers_per_node
+        loads = [self.handles[r]._wrap(self.handles[r].actor.init_worker.remote(
+                     config, r, init_method, per_node[info["node_id"]], self.ranks), "load")
+                 for r, info in zip(self.ranks, infos)]
+        self.wait_loaded(loads)
+
+    def _place_replica(self, d: int, bundle: dict, actor_cls, actors: dict, parallel) -> None:
+        """One placement group per stage of replica ``d``, and an actor per worker in it."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        layout = self.layout
         used_nodes: list[str] = []
         for p in range(layout.pp):
             selector = None
@@ -216,23 +245,6 @@ class RayExecutor(DistributedExecutor):
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=t),
                 ).remote()
             used_nodes.append(ray.get(actors[layout.rank(d, p, 0)].node_info.remote())["node_id"])
-        self.handles = {r: RayWorker(actors[r], r, layout.coords(r)) for r in self.ranks}
-        infos = ray.get([self.handles[r].actor.node_info.remote() for r in self.ranks])
-        self.nodes = [info["node_id"] for info in infos]
-        first = self.handles[self.ranks[0]]
-        if all(info["node_id"] == ray.get_runtime_context().get_node_id() for info in infos):
-            self.rendezvous = LocalRendezvous()  # every rank beside the driver: no TCP port at all
-            init_method = self.rendezvous.init_method
-        else:
-            ip = infos[0]["ip"]
-            self._check_rendezvous(ip, infos)
-            init_method = tcp_init_method(ip, ray.get(first.actor.free_port.remote()))
-        # Workers on one node share its RAM, so they split its CPU KV-cache budget.
-        per_node = Counter(self.nodes) + workers_per_node
-        loads = [self.handles[r]._wrap(self.handles[r].actor.init_worker.remote(
-                     config, r, init_method, per_node[info["node_id"]], self.ranks), "load")
-                 for r, info in zip(self.ranks, infos)]
-        self.wait_loaded(loads)
 
     def _check_rendezvous(self, ip: str, infos: list[dict], timeout_s: float = 15.0) -> None:
         """Fails at once, naming the rank, when a worker cannot reach rank 0's host at ``ip``."""

@@ -89,14 +89,14 @@ class Attention(nn.Module):
 
         decodes = meta.decodes
         if decodes is not None and decodes.count == T:
-            return self._decode(q, decodes).reshape(T, -1)
+            return self._decode(q, decodes).flatten(1)
         out = torch.empty_like(q)
         if decodes is not None:
             out[:decodes.count] = self._decode(q[:decodes.count], decodes)
         for span in meta.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], span)
-        return out.view(T, -1)
+        return out.flatten(1)
 
     def _gather(self, block_tables: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """block_tables [B, nb] -> keys, values [B, Hk, length, D] in ``dtype``, read from the cache."""

@@ -41,6 +41,10 @@ def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: 
     src, dest = Path(src), Path(dest)
     if not src.is_file():
         raise FileNotFoundError(f"GGUF file not found: {src}")
+    if not overwrite and _is_complete(dest):
+        # A folder is renamed into place only once complete, so this needs no lock; and it skips parsing the
+        # GGUF's metadata (its tokenizer's vocabulary: seconds) on every start after the first.
+        return dest
     arch = gguf_architecture(src)
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(

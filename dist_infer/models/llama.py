@@ -61,11 +61,11 @@ class LlamaAttention(nn.Module):
                               sliding_window=sliding_window_for(config, layer_idx))
 
     def forward(self, cos_sin, x: torch.Tensor) -> torch.Tensor:
-        T, D = x.shape[0], self.attn.head_dim
+        D = self.attn.head_dim
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # Q and K sit side by side in the fused output, so one rotation covers both.
-        qk = RotaryEmbedding.apply(qkv[:, : q_size + kv_size].view(T, -1, D), cos_sin).view(T, -1)
+        qk = RotaryEmbedding.apply(qkv[:, : q_size + kv_size].unflatten(-1, (-1, D)), cos_sin).flatten(1)
         return self.o_proj(self.attn(qk[:, :q_size], qk[:, q_size:], qkv[:, q_size + kv_size:]))
 
 
