@@ -226,6 +226,8 @@ class ParallelConfig:
     ``worker_load_timeout_s``: how long placing the workers (Ray) and loading the model may take; loading a
     large model is slow, not hung. The process groups' own timeout is the larger of the two.
     ``max_batches_in_flight`` caps the micro-batches in the pipeline at once (default: one per stage).
+    ``enable_expert_parallel``: a mixture-of-experts model's experts are spread whole over the expert-parallel
+    ranks (``expert_parallel_size`` of them) instead of each being sliced over the tensor-parallel ranks.
     """
 
     tensor_parallel_size: int = 1
@@ -238,8 +240,11 @@ class ParallelConfig:
     worker_timeout_s: float = 300.0
     worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be True or False, got {self.enable_expert_parallel!r}")
         if self.max_batches_in_flight is None:
             self.max_batches_in_flight = self.pipeline_parallel_size
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_batches_in_flight"):
@@ -279,6 +284,13 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks one stage's experts are spread over: its tp x dp ranks that share a torch world -- all of them
+        under torchrun, one replica's tp ranks under mp and Ray (a world per replica)."""
+        shared_dp = self.data_parallel_size if self.distributed_executor_backend == "torchrun" else 1
+        return self.tensor_parallel_size * shared_dp
 
     @property
     def collective_timeout_s(self) -> float:
@@ -327,15 +339,20 @@ class EngineConfig:
             raise ValueError(
                 f"autoscaling (max_replicas={autoscaling.max_replicas}) needs replicas that start and stop on their "
                 f"own: distributed_executor_backend 'mp' or 'ray', not {parallel.distributed_executor_backend!r}")
+        from dist_infer.models.moe_config import check_expert_layout, has_dense_mlp, moe_sizes
+
         tp = parallel.tensor_parallel_size
-        intermediate = model.hf_config.intermediate_size
+        # A mixture-of-experts model without dense layers has no MLP of intermediate_size to slice.
+        dense = moe_sizes(model.hf_config) is None or has_dense_mlp(model.hf_config)
+        intermediate = model.hf_config.intermediate_size if dense else 0  # 0 divides by every size
         valid = valid_tensor_parallel_sizes(model.num_heads, model.num_kv_heads, intermediate)
         if tp not in valid:
             raise ValueError(
                 f"tensor_parallel_size={tp} does not fit this model (num_attention_heads={model.num_heads}, "
-                f"num_key_value_heads={model.num_kv_heads}, intermediate_size={intermediate}); "
+                f"num_key_value_heads={model.num_kv_heads}{f', intermediate_size={intermediate}' if dense else ''}); "
                 f"valid sizes: {', '.join(map(str, valid))}"
             )
+        check_expert_layout(model.hf_config, tp, parallel.expert_parallel_size, parallel.enable_expert_parallel, valid)
         if parallel.pipeline_parallel_size > model.num_layers:
             raise ValueError(
                 f"pipeline_parallel_size={parallel.pipeline_parallel_size} exceeds the model's "
