@@ -226,6 +226,8 @@ class ParallelConfig:
     ``worker_load_timeout_s``: how long placing the workers (Ray) and loading the model may take; loading a
     large model is slow, not hung. The process groups' own timeout is the larger of the two.
     ``max_batches_in_flight`` caps the micro-batches in the pipeline at once (default: one per stage).
+    ``enable_expert_parallel``: a mixture-of-experts model's experts are spread whole over the expert-parallel
+    ranks (``expert_parallel_size`` of them) instead of each being sliced over the tensor-parallel ranks.
     """
 
     tensor_parallel_size: int = 1
@@ -238,14 +240,17 @@ class ParallelConfig:
     worker_timeout_s: float = 300.0
     worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
+    enable_expert_parallel: bool = False
 
     @property
     def experts_span_replicas(self) -> bool:
         """Experts spread over the workers of several data-parallel replicas: the replicas then share one
         world and step in lockstep."""
-        return bool(getattr(self, "enable_expert_parallel", False)) and self.data_parallel_size > 1
+        return self.enable_expert_parallel and self.data_parallel_size > 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be True or False, got {self.enable_expert_parallel!r}")
         if self.max_batches_in_flight is None:
             self.max_batches_in_flight = self.pipeline_parallel_size
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_batches_in_flight"):
@@ -285,6 +290,13 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks one stage's experts are spread over: its tp x dp ranks that share a torch world -- every
+        replica's when the experts span the replicas (they then share one world under every executor), else
+        one replica's tp ranks."""
+        return self.tensor_parallel_size * (self.data_parallel_size if self.experts_span_replicas else 1)
 
     @property
     def collective_timeout_s(self) -> float:
@@ -338,15 +350,20 @@ class EngineConfig:
                 f"autoscaling cannot add or remove replicas whose experts are spread over each other's workers "
                 f"(enable_expert_parallel with data_parallel_size={parallel.data_parallel_size}): they share one "
                 f"world; turn autoscaling off or expert parallelism across replicas off")
+        from dist_infer.models.moe_config import check_expert_layout, has_dense_mlp, moe_sizes
+
         tp = parallel.tensor_parallel_size
-        intermediate = model.hf_config.intermediate_size
+        # A mixture-of-experts model without dense layers has no MLP of intermediate_size to slice.
+        dense = moe_sizes(model.hf_config) is None or has_dense_mlp(model.hf_config)
+        intermediate = model.hf_config.intermediate_size if dense else 0  # 0 divides by every size
         valid = valid_tensor_parallel_sizes(model.num_heads, model.num_kv_heads, intermediate)
         if tp not in valid:
             raise ValueError(
                 f"tensor_parallel_size={tp} does not fit this model (num_attention_heads={model.num_heads}, "
-                f"num_key_value_heads={model.num_kv_heads}, intermediate_size={intermediate}); "
+                f"num_key_value_heads={model.num_kv_heads}{f', intermediate_size={intermediate}' if dense else ''}); "
                 f"valid sizes: {', '.join(map(str, valid))}"
             )
+        check_expert_layout(model.hf_config, tp, parallel.expert_parallel_size, parallel.enable_expert_parallel, valid)
         if parallel.pipeline_parallel_size > model.num_layers:
             raise ValueError(
                 f"pipeline_parallel_size={parallel.pipeline_parallel_size} exceeds the model's "

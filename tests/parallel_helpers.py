@@ -55,19 +55,35 @@ def drive(llm, vocab: int) -> list[list[int]]:
 def drive_items(llm, items) -> list[list[int]]:
     """Adds each (prompt, max_tokens, arrival step) request at its step and steps the engine until all finish;
     returns the greedy tokens in item order."""
+    return [completion.token_ids for completion in drive_completions(llm, items)]
+
+
+def drive_completions(llm, items, logprobs: int | None = None) -> list:
+    """``drive_items``, returning each request's finished CompletionOutput (with ``logprobs`` top entries per
+    token when given)."""
     engine = llm.engine
     finished, step = {}, 0
     while len(finished) < len(items):
         for i, (prompt, max_tokens, arrival) in enumerate(items):
             if arrival == step:
                 engine.add_request(str(i), {"prompt_token_ids": prompt},
-                                   SamplingParams(temperature=0, max_tokens=max_tokens))
+                                   SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs))
         for out in engine.step():
             if out.finished:
-                finished[int(out.request_id)] = out.outputs[0].token_ids
+                finished[int(out.request_id)] = out.outputs[0]
         step += 1
         assert step < 2000, "requests did not finish"
     return [finished[i] for i in range(len(items))]
+
+
+def hf_greedy_with_logprobs(hf, prompt: list[int], new_tokens: int):
+    """HF greedy tokens, and the log-softmax of the logits that chose each one (EOS does not stop it)."""
+    hf.generation_config.eos_token_id = None
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                      output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])
+    return tokens, logprobs
 
 
 def hf_greedy_text(path: str, prompt: str, max_new_tokens: int) -> str:

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from conftest import no_special_tokens, save_tiny_model
 from dist_infer import LLM, SamplingParams
+from parallel_helpers import hf_greedy_with_logprobs
 
 NEW_TOKENS = 32
 
@@ -45,16 +46,6 @@ def _prompts(vocab: int, seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _hf_reference(hf, prompt: list[int], new_tokens: int):
-    """HF greedy tokens, and the log-softmax of the logits that chose each one (EOS does not stop it)."""
-    hf.generation_config.eos_token_id = None
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                      output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])
-    return tokens, logprobs
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     config, bias_std = CONFIGS[request.param]
@@ -70,7 +61,7 @@ def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=config.vocab_size)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = _hf_reference(hf, prompt, NEW_TOKENS)
+        ref_tokens, ref_logprobs = hf_greedy_with_logprobs(hf, prompt, NEW_TOKENS)
         completion = output.outputs[0]
         assert completion.token_ids == ref_tokens, f"prompt of {len(prompt)} tokens diverged from transformers"
         assert completion.finish_reason == "length"
@@ -103,7 +94,7 @@ def test_smollm2_matches_hf(default_model_path):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = _hf_reference(hf, prompt, NEW_TOKENS)
+        ref_tokens, ref_logprobs = hf_greedy_with_logprobs(hf, prompt, NEW_TOKENS)
         completion = output.outputs[0]
         assert completion.token_ids == ref_tokens
         for step, (entry, ref) in enumerate(zip(completion.logprobs, ref_logprobs)):

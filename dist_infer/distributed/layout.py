@@ -10,6 +10,12 @@ follow each other, and replicas are contiguous blocks of pp * tp ranks. Example,
     dp_rank:  0  0  0  0  1  1  1  1
     pp_rank:  0  0  1  1  0  0  1  1
     tp_rank:  0  1  0  1  0  1  0  1
+
+Expert parallelism spreads each stage's experts over its ``ep`` group: the tp x dp ranks of that stage that
+share a torch world, in rank order (tp fastest), so ``ep_rank = dp_local * tp + tp_rank`` and ep rank ``q``
+holds experts [q*E/ep, (q+1)*E/ep). Above, with one world for all ranks (torchrun) stage 0's ep group is
+ranks 0 1 4 5 and stage 1's is 2 3 6 7 (ep = tp * dp = 4); with a world per replica (mp, Ray) each is that
+replica's tp group (0 1 | 2 3 | 4 5 | 6 7; ep = tp = 2).
 """
 
 from __future__ import annotations

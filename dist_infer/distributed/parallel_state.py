@@ -1,10 +1,17 @@
-"""Named process groups (``tp``, ``pp``, ``dp``), built in this one place.
+"""Named process groups (``tp``, ``pp``, ``dp``, ``ep``), built in this one place.
 
 Which rank holds which (dp, pp, tp) place is ``layout.RankLayout``'s to say.
 
 Every group has a device group (NCCL on CUDA, gloo on the CPU) for tensors and a gloo CPU group for control
 messages. A process outside any distributed launch runs with trivial single-rank groups, so the parallel
 layers behave as plain layers and their collectives cost nothing.
+
+``ep`` (expert parallel) holds the tp x dp ranks of one pipeline stage that share a torch world, in rank order
+(tp fastest), so its rank is ``dp_local * tp + tp_rank``. Under the mp and Ray executors each replica has a
+world of its own and ``ep`` is the tp group's ranks; under torchrun it spans the replicas.
+
+Each group counts the bytes its collectives hand in (``bytes_moved``: the input tensor's bytes per call on this
+rank, whatever the algorithm does on the wire), so a benchmark can compare communication volumes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class ParallelGroup:
     rank_in_group: int = 0
     device_group: object | None = None
     cpu_group: object | None = None
+    bytes_moved: int = 0
 
     @property
     def world_size(self) -> int:
@@ -54,6 +62,7 @@ class ParallelGroup:
             return x
         import torch.distributed as dist
 
+        self.bytes_moved += x.numel() * x.element_size()
         dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=self.device_group)
         return x
 
@@ -63,9 +72,21 @@ class ParallelGroup:
             return x
         import torch.distributed as dist
 
+        self.bytes_moved += x.numel() * x.element_size()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """[world_size * n, ...] -> [n, ...]: rank ``r`` gets the sum over ranks of rows [r*n, (r+1)*n)."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        self.bytes_moved += x.numel() * x.element_size()
+        out = torch.empty((x.shape[0] // self.world_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=self.device_group)
+        return out
 
 
 _GROUPS: dict[str, ParallelGroup] = {}
@@ -88,6 +109,15 @@ def get_pp_group() -> ParallelGroup:
 
 def get_dp_group() -> ParallelGroup:
     return get_group("dp")
+
+
+def get_ep_group() -> ParallelGroup:
+    return get_group("ep")
+
+
+def collective_bytes() -> dict[str, int]:
+    """Bytes each named group's collectives have handed in on this rank so far."""
+    return {name: group.bytes_moved for name, group in _GROUPS.items()}
 
 
 def get_world_group() -> ParallelGroup:
@@ -131,6 +161,7 @@ def init_distributed(layout: RankLayout, rank: int, init_method: str, device: to
         "tp": [layout.tp_ranks(d, p) for d in replicas for p in range(layout.pp)],
         "pp": [layout.pp_ranks(d, t) for d in replicas for t in range(layout.tp)],
         "dp": [[r for r in members if layout.coords(r)[1:] == (p, t)] for p in range(layout.pp) for t in range(layout.tp)],
+        "ep": [[r for r in members if layout.coords(r)[1] == p] for p in range(layout.pp)],
     }
     for name, groups in families.items():
         for ranks in groups:

@@ -32,6 +32,7 @@ class EngineArgs:
     worker_timeout_s: float = 300.0
     worker_load_timeout_s: float = 1800.0
     max_batches_in_flight: int | None = None
+    enable_expert_parallel: bool = False
     block_size: int = 16
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -146,6 +147,9 @@ class EngineArgs:
                  "(default 300)")
         add("--worker-load-timeout", dest="worker_load_timeout_s", type=float,
             help="seconds placing the workers and loading the model may take (default 1800)")
+        add("--enable-expert-parallel", action="store_true",
+            help="spread a mixture-of-experts model's experts whole over the tensor-parallel ranks (x data-parallel "
+                 "ranks under torchrun) instead of slicing each expert")
         add("--block-size", type=int, help="tokens per KV-cache block (default 16)")
         add("--kv-cache-memory", type=int, help="bytes for the KV cache")
         add("--gpu-memory-utilization", type=float, help="default 0.9")

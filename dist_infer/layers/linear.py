@@ -24,7 +24,7 @@ from dist_infer.distributed.parallel_state import get_tp_group
 from dist_infer.layers.linear_method import UnquantizedLinearMethod
 from dist_infer.layers.quantization.config import QuantConfig
 from dist_infer.layers.quantization.linear_method import QuantizedLinearMethod
-from dist_infer.layers.shard import TensorSource, check_dim, copy_into, narrow, source_shape
+from dist_infer.layers.shard import TensorSource, check_dim, copy_into, default_weight_loader, narrow, source_shape
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -204,3 +204,18 @@ class RowParallelLinear(LinearBase):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class ReplicatedLinear(LinearBase):
+    """``y = x W^T + b`` with the whole ``W`` on every rank: small projections every rank needs in full, such as
+    a mixture-of-experts router. Never quantized."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, params_dtype=None):
+        super().__init__(input_size, output_size, bias, params_dtype)
+        self.input_size, self.output_size = input_size, output_size
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        default_weight_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)

@@ -8,16 +8,19 @@ import torch
 from torch import nn
 
 from dist_infer.config import ModelConfig
+from dist_infer.layers.fused_moe import FusedMoE, expert_parallel
 from dist_infer.model_loader.weights import load_weights
 from dist_infer.models.registry import get_model_class
 
 
 def build_model(model_config: ModelConfig, device: torch.device, layer_range: tuple[int, int] | None = None,
-                is_first: bool = True, is_last: bool = True, after_each: Callable[[], None] | None = None) -> nn.Module:
-    """``after_each`` runs after every loaded tensor and every repacked module."""
+                is_first: bool = True, is_last: bool = True, after_each: Callable[[], None] | None = None,
+                enable_expert_parallel: bool = False) -> nn.Module:
+    """``after_each`` runs after every loaded tensor and every repacked module. ``enable_expert_parallel``: a
+    mixture-of-experts model's experts are spread whole over the ep group (see ``layers.fused_moe``)."""
     cls = get_model_class(model_config.hf_config)
     # Parameters are created empty on the target device and filled straight from the mapped files.
-    with torch.device(device):
+    with torch.device(device), expert_parallel(enable_expert_parallel):
         model = cls(model_config.hf_config, model_config.torch_dtype, model_config.max_model_len,
                     layer_range=layer_range, is_first=is_first, is_last=is_last, quant_config=model_config.quant_config)
     load_weights(model, model_config.model, after_each)
@@ -29,6 +32,9 @@ def build_model(model_config: ModelConfig, device: torch.device, layer_range: tu
             if after_each is not None:
                 after_each()
     model.weight_bytes = weight_bytes(model)
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    model.expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    model.local_experts = experts[0].expert_ids if experts else []
     return model.eval()
 
 

@@ -61,23 +61,33 @@ class LlamaAttention(nn.Module):
                               sliding_window=sliding_window_for(config, layer_idx))
 
     def forward(self, cos_sin, x: torch.Tensor) -> torch.Tensor:
-        D = self.attn.head_dim
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        # Q and K sit side by side in the fused output, so one rotation covers both.
-        qk = RotaryEmbedding.apply(qkv[:, : q_size + kv_size].unflatten(-1, (-1, D)), cos_sin).flatten(1)
+        qk = self.rotate_qk(qkv[:, : q_size + kv_size], cos_sin)
         return self.o_proj(self.attn(qk[:, :q_size], qk[:, q_size:], qkv[:, q_size + kv_size:]))
+
+    def rotate_qk(self, qk: torch.Tensor, cos_sin) -> torch.Tensor:
+        """[T, (heads + kv_heads) * D] -> the same with RoPE applied to every head. Q and K sit side by side in
+        the fused output, so one rotation covers both."""
+        # unflatten/flatten, not view(T, -1, D): an empty step (T = 0, lockstep) has no size to infer.
+        return RotaryEmbedding.apply(qk.unflatten(-1, (-1, self.attn.head_dim)), cos_sin).flatten(1)
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
     def __init__(self, config, layer_idx: int, qkv_bias: bool, dtype: torch.dtype, quant_config=None):
         super().__init__()
-        attn_bias = getattr(config, "attention_bias", False)
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype, quant_config)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), dtype,
-                            quant_config)
+        attn_bias = getattr(config, "attention_bias", False) or False
+        self.self_attn = self.attention_cls(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype, quant_config)
+        self.mlp = self.make_mlp(config, layer_idx, dtype, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def make_mlp(self, config, layer_idx: int, dtype: torch.dtype, quant_config) -> nn.Module:
+        """The feed-forward block of layer ``layer_idx`` (mixture-of-experts models choose per layer)."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), dtype,
+                        quant_config)
 
     def forward(self, cos_sin, hidden, residual):
         if residual is None:
@@ -95,14 +105,15 @@ class MissingLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int],
-                 is_first: bool, is_last: bool, qkv_bias: bool, quant_config=None):
+                 is_first: bool, is_last: bool, qkv_bias: bool, quant_config=None,
+                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer):
         super().__init__()
         self.start, self.end = layer_range
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype) if is_first else None
         self.rotary_emb = RotaryEmbedding(config, head_dim, max_positions, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, dtype, quant_config) if self.start <= i < self.end else MissingLayer()
+            layer_cls(config, i, qkv_bias, dtype, quant_config) if self.start <= i < self.end else MissingLayer()
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if is_last else None
@@ -131,6 +142,7 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias = False
+    decoder_layer_cls = LlamaDecoderLayer
 
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int] | None = None,
                  is_first: bool = True, is_last: bool = True, quant_config=None):
@@ -141,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         self.layer_range = layer_range or (0, config.num_hidden_layers)
         self.is_first, self.is_last = is_first, is_last
         self.model = LlamaModel(config, dtype, max_positions, self.layer_range, is_first, is_last, self.qkv_bias,
-                                quant_config)
+                                quant_config, self.decoder_layer_cls)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype) if is_last else None
         if self.tied and is_first and is_last:

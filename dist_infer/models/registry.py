@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dist_infer.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from dist_infer.models.mixtral import MixtralForCausalLM
+from dist_infer.models.qwen2_moe import Qwen2MoeForCausalLM
+from dist_infer.models.qwen3 import Qwen3ForCausalLM
+from dist_infer.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -40,7 +40,8 @@ class ModelRunner:
         self.is_first, self.is_last = pp.is_first, pp.is_last
         self.samples = self.is_last and tp.is_first
         layer_range = config.parallel_config.layer_ranges(self.model_config.num_layers)[pp.rank_in_group]
-        self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last, after_each_tensor)
+        self.model = build_model(self.model_config, device, layer_range, self.is_first, self.is_last, after_each_tensor,
+                                 config.parallel_config.enable_expert_parallel)
         self.pp_comm = None
         self.recv_wait_seconds = 0.0  # time spent waiting for the previous stage inside steps
         if pp.world_size > 1:

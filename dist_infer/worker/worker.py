@@ -13,7 +13,7 @@ import torch
 
 from dist_infer.config import EngineConfig
 from dist_infer.distributed.layout import layout_of
-from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
+from dist_infer.distributed.parallel_state import collective_bytes, get_pp_group, get_tp_group, init_distributed
 from dist_infer.engine.kv_cache_manager import cdiv
 from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
 from dist_infer.worker.memory import PeakMemory, anon_rss_bytes, kv_cache_budget
@@ -53,6 +53,8 @@ class Worker:
             "tp_rank": get_tp_group().rank_in_group,
             "pp_rank": get_pp_group().rank_in_group,
             "parameter_bytes": self.runner.model.parameter_bytes,
+            "expert_bytes": self.runner.model.expert_bytes,  # of parameter_bytes: mixture-of-experts weights
+            "local_experts": self.runner.model.local_experts,  # experts held (whole or sliced) in each MoE layer
             "load_peak_memory_increase": memory.increase,  # private memory, sampled after every tensor
             "anon_rss_after_load": anon_rss_bytes(),
             "pid": os.getpid(),
@@ -105,6 +107,10 @@ class Worker:
         return {"rank": self.rank, "dp_rank": self.coords[0], "pp_rank": self.coords[1], "tp_rank": self.coords[2],
                 "steps": self.steps, "compute_seconds": self.step_seconds - wait, "recv_wait_seconds": wait,
                 "uptime_seconds": uptime}
+
+    def collective_bytes(self) -> dict[str, int]:
+        """Bytes this worker's collectives have handed in so far, per named group (``parallel_state``)."""
+        return collective_bytes()
 
     def ping(self) -> int:
         return self.rank
