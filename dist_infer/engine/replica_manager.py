@@ -213,7 +213,8 @@ class ReplicaManager:
         moved = []
         for member in group:
             member.events.failures += 1
-            member.events.last_error = str(error) if member is replica else f"replica {replica.index} failed: {error}"
+            member.events.last_error = str(error) if member is replica else (
+                f"it shares a world with replica {replica.index}, which failed: {error}")
             logger.error("replica %d failed: %s", member.index, member.events.last_error)
             moved.append((member, member.core.scheduler.take_all()))
             member.core = None
