@@ -100,3 +100,20 @@ def with_chat_template(model_dir: str, dest, template: str) -> str:
     shutil.copytree(model_dir, dest)
     (dest / "chat_template.jinja").write_text(template)
     return str(dest)
+
+
+def worker_processes(server_pid: int) -> list:
+    """The server's live worker processes: forked by the multiprocessing fork server (or, where there is none,
+    spawned running the worker entry point); not the fork server, not the resource tracker, not zombies."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            parent = child.parent()
+            forked = parent is not None and "multiprocessing.forkserver" in " ".join(parent.cmdline())
+            if (forked or "spawn_main" in " ".join(child.cmdline())) and child.status() != psutil.STATUS_ZOMBIE:
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers

@@ -15,12 +15,11 @@ import re
 import time
 
 import httpx
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parallel_helpers import pid_alive, wait_until
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, worker_processes
 
 NUM_REQUESTS = 200
 CONCURRENCY = 16
@@ -115,19 +114,6 @@ async def run_undisturbed(url: str, bodies: list[dict]) -> list[Stream]:
                 return await stream_one(client, url, body)
 
         return list(await asyncio.gather(*(one(b) for b in bodies)))
-
-
-def worker_processes(server_pid: int) -> list[psutil.Process]:
-    """The server's live worker processes (spawned children running the worker entry point; not the
-    multiprocessing resource tracker, not zombies)."""
-    workers = []
-    for child in psutil.Process(server_pid).children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                workers.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return workers
 
 
 async def run_with_faults(server: ServerProcess, bodies: list[dict], seed: int = 7) -> dict:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, worker_processes
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
@@ -265,8 +265,4 @@ def test_ready_turns_503_when_a_worker_dies(tiny_llama_with_tokenizer):
 
 
 def _worker_pids(server_pid: int) -> list[int]:
-    """The server's worker processes (its children running the worker entry point)."""
-    import psutil
-
-    children = psutil.Process(server_pid).children(recursive=True)
-    return sorted(c.pid for c in children if "spawn_main" in " ".join(c.cmdline()))
+    return sorted(c.pid for c in worker_processes(server_pid))

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import save_tiny_model
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, worker_processes
 
 CMPL = "/v1/completions"
 # A replica whose worker dies is rebuilt (up to --max-replica-restarts times): with no rebuild allowed, the
@@ -246,12 +246,9 @@ def test_engine_death_turns_health_503_and_exits_non_zero(tiny_model):
     """A tensor-parallel worker killed mid-stream ends the engine's step loop: the stream ends with an error,
     new requests and /health get 503, and the server exits 1 (a supervisor restarts it) once what was in
     flight has ended."""
-    import psutil
-
     server = _serve(tiny_model, "--executor", "mp", "--tp", "2", *_NO_REBUILD_ARGS)
     try:
-        workers = [c for c in psutil.Process(server.proc.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(c.cmdline())]
+        workers = worker_processes(server.proc.pid)
         assert len(workers) == 2, workers
         held = _HalfSentRequest(server, max_tokens=8)  # keeps the server up while the test looks
         (stream,) = _start_streams(server, 1, max_tokens=3000)
