@@ -55,19 +55,47 @@ def drive(llm, vocab: int) -> list[list[int]]:
 def drive_items(llm, items) -> list[list[int]]:
     """Adds each (prompt, max_tokens, arrival step) request at its step and steps the engine until all finish;
     returns the greedy tokens in item order."""
+    return [out.token_ids for out in drive_outputs(llm, items)]
+
+
+def drive_outputs(llm, items, **params):
+    """``drive_items``, returning each request's final ``CompletionOutput``; ``params`` join the greedy
+    ``SamplingParams`` (``logprobs=0``, say)."""
     engine = llm.engine
     finished, step = {}, 0
     while len(finished) < len(items):
         for i, (prompt, max_tokens, arrival) in enumerate(items):
             if arrival == step:
                 engine.add_request(str(i), {"prompt_token_ids": prompt},
-                                   SamplingParams(temperature=0, max_tokens=max_tokens))
+                                   SamplingParams(temperature=0, max_tokens=max_tokens, **params))
         for out in engine.step():
             if out.finished:
-                finished[int(out.request_id)] = out.outputs[0].token_ids
+                finished[int(out.request_id)] = out.outputs[0]
         step += 1
         assert step < 2000, "requests did not finish"
     return [finished[i] for i in range(len(items))]
+
+
+def hf_reference(hf, items) -> list[tuple[list[int], list[float]]]:
+    """HF's greedy tokens for each (prompt, max_tokens, _) item and, at each generated position, the chosen
+    token's ``log_softmax`` of the logits."""
+    refs = []
+    for prompt, max_tokens, _ in items:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+        refs.append((tokens, logprobs))
+    return refs
+
+
+def assert_matches_reference(outputs, reference, atol: float = 1e-4) -> None:
+    """``CompletionOutput``s (requested with ``logprobs=0``) against ``hf_reference``: tokens equal, the chosen
+    tokens' logprobs within ``atol``."""
+    for out, (tokens, logprobs) in zip(outputs, reference):
+        assert out.token_ids == tokens
+        got = [entry[t].logprob for entry, t in zip(out.logprobs, out.token_ids)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=atol, rtol=0)
 
 
 def hf_greedy_text(path: str, prompt: str, max_new_tokens: int) -> str:
