@@ -25,17 +25,19 @@ for _name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
 
 
 def save_tiny_model(config, path, seed: int = 0, bias_std: float = 0.0, tokenizer_dir: str | None = None,
-                    **save_kwargs) -> str:
-    """Random weights for ``config`` (large init so greedy choices are not near-ties), saved as a HF folder."""
+                    norm_std: float = 0.0, **save_kwargs) -> str:
+    """Random weights for ``config`` (large init so greedy choices are not near-ties), saved as a HF folder.
+    ``bias_std`` / ``norm_std`` draw the biases / add noise to the norm weights (which start constant)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    if bias_std:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0.0, bias_std)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if bias_std and name.endswith("bias"):
+                p.normal_(0.0, bias_std)
+            if norm_std and name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * norm_std)
     model.save_pretrained(str(path), **save_kwargs)
     if tokenizer_dir is not None:
         for name in os.listdir(tokenizer_dir):

@@ -55,19 +55,19 @@ def drive(llm, vocab: int) -> list[list[int]]:
 def drive_items(llm, items) -> list[list[int]]:
     """Adds each (prompt, max_tokens, arrival step) request at its step and steps the engine until all finish;
     returns the greedy tokens in item order."""
-    return [completion.token_ids for completion in drive_completions(llm, items)]
+    return [out.token_ids for out in drive_outputs(llm, items)]
 
 
-def drive_completions(llm, items, logprobs: int | None = None) -> list:
-    """``drive_items``, returning each request's finished CompletionOutput (with ``logprobs`` top entries per
-    token when given)."""
+def drive_outputs(llm, items, **params):
+    """``drive_items``, returning each request's final ``CompletionOutput``; ``params`` join the greedy
+    ``SamplingParams`` (``logprobs=0``, say)."""
     engine = llm.engine
     finished, step = {}, 0
     while len(finished) < len(items):
         for i, (prompt, max_tokens, arrival) in enumerate(items):
             if arrival == step:
                 engine.add_request(str(i), {"prompt_token_ids": prompt},
-                                   SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs))
+                                   SamplingParams(temperature=0, max_tokens=max_tokens, **params))
         for out in engine.step():
             if out.finished:
                 finished[int(out.request_id)] = out.outputs[0]
@@ -77,13 +77,30 @@ def drive_completions(llm, items, logprobs: int | None = None) -> list:
 
 
 def hf_greedy_with_logprobs(hf, prompt: list[int], new_tokens: int):
-    """HF greedy tokens, and the log-softmax of the logits that chose each one (EOS does not stop it)."""
+    """HF greedy tokens, and the log-softmax of the logits that chose each one [new_tokens, vocab] (EOS does not
+    stop it)."""
     hf.generation_config.eos_token_id = None
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
                       output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):].tolist()
     logprobs = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])
     return tokens, logprobs
+
+
+def hf_reference(hf, items) -> list[tuple[list[int], torch.Tensor]]:
+    """``hf_greedy_with_logprobs`` for each (prompt, max_tokens, _) item."""
+    return [hf_greedy_with_logprobs(hf, prompt, max_tokens) for prompt, max_tokens, _ in items]
+
+
+def assert_matches_reference(outputs, reference, atol: float = 1e-4) -> None:
+    """``CompletionOutput``s (requested with ``logprobs``) against ``hf_reference``: tokens equal, and every
+    logprob returned (the chosen token's and the top entries') within ``atol`` of HF's."""
+    for out, (tokens, logprobs) in zip(outputs, reference):
+        assert out.token_ids == tokens
+        assert len(out.logprobs) == len(tokens)
+        for step, entries in enumerate(out.logprobs):
+            got = torch.tensor([entry.logprob for entry in entries.values()])
+            torch.testing.assert_close(got, logprobs[step, list(entries)], atol=atol, rtol=0)
 
 
 def hf_greedy_text(path: str, prompt: str, max_new_tokens: int) -> str:

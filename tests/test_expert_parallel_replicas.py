@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import save_tiny_model
 from dist_infer import LLM, SamplingParams
-from parallel_helpers import drive_completions, hf_greedy_with_logprobs, pid_alive, wait_until, workload
+from parallel_helpers import (assert_matches_reference, drive_outputs, hf_greedy_with_logprobs, hf_reference, pid_alive,
+                              wait_until, workload)
 from test_moe import FAMILIES
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -40,8 +41,7 @@ def checkpoints(tmp_path_factory):
         path = save_tiny_model(config, root / name, bias_std=bias_std)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         items = workload(config.vocab_size)
-        built[name] = (path, config, [hf_greedy_with_logprobs(hf, p, n) for p, n, _ in items],
-                       hf_greedy_with_logprobs(hf, LONE, 20))
+        built[name] = path, config, hf_reference(hf, items), hf_greedy_with_logprobs(hf, LONE, 20)
     return built
 
 
@@ -61,14 +61,6 @@ def _engine(path, backend, **kwargs):
                worker_timeout_s=30, **kwargs)
 
 
-def _assert_matches(completion, reference):
-    tokens, logprobs = reference
-    assert completion.token_ids == tokens
-    for step, entries in enumerate(completion.logprobs):
-        for token, entry in entries.items():
-            assert abs(entry.logprob - logprobs[step, token].item()) <= 1e-4, (step, token)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family,backend", CASES)
 def test_experts_spread_over_replicas_match_hf(checkpoints, family, backend, request):
@@ -78,7 +70,7 @@ def test_experts_spread_over_replicas_match_hf(checkpoints, family, backend, req
     with _engine(path, backend) as llm:
         engine = llm.engine
         assert engine.executor.lockstep
-        completions = drive_completions(llm, workload(config.vocab_size), logprobs=2)
+        completions = drive_outputs(llm, workload(config.vocab_size), logprobs=2)
         served = [core.scheduler.get_stats().num_steps for core in engine.cores]
         # One replica alone has work: the other runs empty steps so that its workers meet the MoE collectives.
         engine.add_request("lone", {"prompt_token_ids": LONE},
@@ -88,9 +80,7 @@ def test_experts_spread_over_replicas_match_hf(checkpoints, family, backend, req
             outputs += [o for o in engine.step() if o.finished]
         reports = engine.executor.collective_rpc("memory_report")
         stats = engine.get_stats()
-    for completion, ref in zip(completions, reference):
-        _assert_matches(completion, ref)
-    _assert_matches(outputs[0].outputs[0], lone)
+    assert_matches_reference(completions + [outputs[0].outputs[0]], reference + [lone])
     assert stats.prefix_cache_hits > 0
     assert all(n > 0 for n in served), served  # both replicas served requests of the workload
     experts = [r["local_experts"] for r in reports]

@@ -20,7 +20,7 @@ from dist_infer.distributed import parallel_state
 from dist_infer.distributed.parallel_state import ParallelGroup
 from dist_infer.engine.arg_utils import EngineArgs
 from dist_infer.layers.fused_moe import FusedMoE
-from parallel_helpers import drive_completions, hf_greedy_with_logprobs, workload
+from parallel_helpers import assert_matches_reference, drive_outputs, hf_reference, workload
 
 _COMMON = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False, **no_special_tokens())
@@ -58,7 +58,7 @@ def checkpoints(tmp_path_factory):
         config = make()
         path = save_tiny_model(config, root / name, bias_std=bias_std)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        built[name] = path, config, [hf_greedy_with_logprobs(hf, p, n) for p, n, _ in workload(config.vocab_size)]
+        built[name] = path, config, hf_reference(hf, workload(config.vocab_size))
     return built
 
 
@@ -87,15 +87,11 @@ def _check(checkpoints, family, layout, backend=None) -> list[dict] | None:
     kwargs = dict(LAYOUTS[layout], **({"distributed_executor_backend": backend} if backend else {}))
     with LLM(model=path, skip_tokenizer_init=True, kv_cache_memory=1 << 22, max_num_batched_tokens=64,
              **kwargs) as llm:
-        completions = drive_completions(llm, workload(config.vocab_size), logprobs=2)
+        completions = drive_outputs(llm, workload(config.vocab_size), logprobs=2)
         stats = llm.engine.get_stats()
         reports = llm.engine.executor.collective_rpc("memory_report") if backend else None
     assert stats.prefix_cache_hits > 0
-    for completion, (tokens, logprobs) in zip(completions, reference):
-        assert completion.token_ids == tokens
-        for step, entries in enumerate(completion.logprobs):
-            for token, entry in entries.items():
-                assert abs(entry.logprob - logprobs[step, token].item()) <= 1e-4, (step, token)
+    assert_matches_reference(completions, reference)
     return reports
 
 

@@ -13,9 +13,15 @@ Each step: the new K/V of every token are written to their slots, then
 
 Grouped-query attention shares each K/V head among ``num_heads / num_kv_heads`` query heads. A sliding
 window ``w`` (Mistral) restricts query position ``m`` to keys at positions ``> m - w``.
+
+Logit soft-capping (Gemma 2) bounds each score before the softmax: ``s' = c * tanh(s / c)`` with
+``s = q k^T * scale``. PyTorch's SDPA cannot do that, so a capped layer computes its scores explicitly
+(``softcapped_attention``) and skips the native decode kernel; uncapped layers keep SDPA and the kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +50,40 @@ class GatherWorkspace:
         return buffer[:numel], buffer[numel:2 * numel]
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False, scale: float = 1.0, enable_gqa: bool = False, *,
+                         softcap: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with capped scores: ``softmax(c tanh(q k^T scale / c) + mask) v``.
+
+    q [B, Hq, n, D], k/v [B, Hk, L, D] (Hk divides Hq), ``attn_mask`` bool broadcastable to [B, Hq, n, L];
+    ``is_causal`` aligns the n queries with the last n keys. Softmax in fp32, as the reference does.
+    """
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    n, length = q.shape[-2], k.shape[-2]
+    if is_causal:
+        attn_mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
         self.gqa = num_heads != num_kv_heads
         self.kv_cache: torch.Tensor | None = None
+        self._sdpa = F.scaled_dot_product_attention if logit_softcap is None else functools.partial(
+            softcapped_attention, softcap=logit_softcap)
 
     def bind_kv_cache(self, kv_cache: torch.Tensor, workspace: GatherWorkspace | None = None,
                       kv_scales: torch.Tensor | None = None) -> None:
@@ -62,7 +93,9 @@ class Attention(nn.Module):
         self.kv_cache, self.kv_scales = kv_cache, kv_scales
         self.workspace = workspace or GatherWorkspace(kv_cache.device)
         self._native = None
-        if kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.int8):
+        # The native kernel cannot cap scores; capped layers take the PyTorch path.
+        native_dtype = kv_cache.dtype in (torch.float32, torch.int8)
+        if kv_cache.device.type == "cpu" and native_dtype and self.logit_softcap is None:
             self._native = paged_decode_kernel()  # used for fp32 queries (see _decode)
         num_blocks = kv_cache.shape[1]
         # Slot-indexed views for the writes: [2, num_blocks * block_size, num_kv_heads, head_dim].
@@ -123,8 +156,7 @@ class Attention(nn.Module):
         B = q.shape[0]
         keys, values = self._gather(decodes.block_tables, decodes.max_seq_len, q.dtype)
         grouped = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=decodes.mask(self.sliding_window),
-                                             scale=self.scale)
+        out = self._sdpa(grouped, keys, values, attn_mask=decodes.mask(self.sliding_window), scale=self.scale)
         return out.view(B, self.num_heads, self.head_dim)
 
     def _prefill(self, q, k, v, span) -> torch.Tensor:
@@ -136,12 +168,12 @@ class Attention(nn.Module):
         else:
             keys, values = self._gather(span.block_table.unsqueeze(0), total, q.dtype)
         if ctx == 0 and (self.sliding_window is None or total <= self.sliding_window):
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+            out = self._sdpa(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
         else:
             q_pos = torch.arange(ctx, total, device=q.device).unsqueeze(1)
             k_pos = torch.arange(total, device=q.device).unsqueeze(0)
             mask = k_pos <= q_pos
             if self.sliding_window is not None:
                 mask &= k_pos > q_pos - self.sliding_window
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+            out = self._sdpa(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         return out.squeeze(0).transpose(0, 1)

@@ -28,3 +28,12 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         residual = x + residual
         return self._norm(residual), residual
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``y = (1 + w) * x / sqrt(mean(x^2) + eps)``, the checkpoint storing ``w`` as an offset
+    from 1. Unlike ``RMSNorm`` in half precision, the scale is applied in fp32 and the result rounded once."""
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        return F.rms_norm(x.float(), self.weight.shape, scale, self.eps).to(x.dtype)

@@ -12,7 +12,10 @@ A column-parallel layer followed by a row-parallel one (QKV -> attention -> O, g
 exactly one all-reduce per pair. At ``p = 1`` every layer here is a plain ``nn.Linear``.
 
 Each parameter carries ``weight_loader(param, loaded, shard_id=None)``: ``loaded`` is the full checkpoint
-tensor (or a lazy safetensors slice) and the loader narrows it to this rank's part before reading.
+tensor (or a lazy safetensors slice) and the loader narrows it to this rank's part before reading. A fused
+projection takes either one checkpoint tensor per part (``shard_id`` names the part) or, with
+``shard_id=None``, a checkpoint that already stores the parts fused (Phi-3's ``qkv_proj`` [q; k; v] and
+``gate_up_proj`` [gate; up]): each part's rows for this rank are then read from their own offset in it.
 """
 
 from __future__ import annotations
@@ -86,16 +89,22 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def weight_loader(self, param, loaded, shard_id=None):
-        # A plain column-parallel layer is a merged one with a single shard.
-        self._load_shard(param, loaded, 0 if shard_id is None else shard_id)
+        if shard_id is not None:
+            check_dim(loaded, 0, self.output_sizes[shard_id])
+            self._load_shard(param, loaded, shard_id, 0)
+            return
+        # The whole (possibly fused) tensor: every part from its own rows.
+        check_dim(loaded, 0, sum(self.output_sizes))
+        for index in range(len(self.output_sizes)):
+            self._load_shard(param, loaded, index, sum(self.output_sizes[:index]))
 
-    def _load_shard(self, param, loaded, index: int) -> None:
+    def _load_shard(self, param, loaded, index: int, base: int) -> None:
+        """This rank's rows of part ``index``, which starts at row ``base`` of ``loaded``."""
         offset = sum(self.local_sizes[:index])
         size = self.local_sizes[index]
-        check_dim(loaded, 0, self.output_sizes[index])
         if param.dim() == 2:
             check_dim(loaded, 1, param.shape[1])
-        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, self.tp_rank * size, size))
+        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, base + self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, self.bias)
@@ -109,18 +118,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     ``W = [A; B]`` (e.g. gate and up). Rank ``r`` holds ``[A_r; B_r]``, so its output is
     ``[x A_r^T, x B_r^T]`` -- each half sliced consistently for the elementwise op that follows.
-    ``shard_id`` is the index of the checkpoint tensor in ``output_sizes``.
+    ``shard_id`` is the index of the checkpoint tensor in ``output_sizes``, or None for a checkpoint tensor
+    holding all of them fused in order.
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, params_dtype=None,
                  quant_config=None):
         super().__init__(input_size, sum(output_sizes), bias=bias, params_dtype=params_dtype, output_sizes=output_sizes,
                          quant_config=quant_config)
-
-    def weight_loader(self, param, loaded, shard_id=None):
-        if shard_id is None:
-            raise ValueError("a merged projection loads one checkpoint tensor per shard; shard_id is required")
-        self._load_shard(param, loaded, shard_id)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -153,18 +158,29 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.gather_output = False
 
     def weight_loader(self, param, loaded, shard_id=None):
-        if shard_id not in ("q", "k", "v"):
-            raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        if shard_id == "q":
-            offset, size, total, start = 0, self.q_size, self.total_num_heads * self.head_dim, self.tp_rank * self.q_size
+        """``shard_id`` 'q', 'k' or 'v' for one checkpoint tensor; None for the fused [q; k; v] tensor."""
+        q_total, kv_total = self.total_num_heads * self.head_dim, self.total_num_kv_heads * self.head_dim
+        bases = {"q": 0, "k": q_total, "v": q_total + kv_total}
+        if shard_id is None:
+            check_dim(loaded, 0, q_total + 2 * kv_total)
+            for part, base in bases.items():
+                self._load_part(param, loaded, part, base)
+            return
+        if shard_id not in bases:
+            raise ValueError(f"QKV shard_id must be 'q', 'k', 'v' or None (fused), got {shard_id!r}")
+        check_dim(loaded, 0, q_total if shard_id == "q" else kv_total)
+        self._load_part(param, loaded, shard_id, 0)
+
+    def _load_part(self, param, loaded, part: str, base: int) -> None:
+        """This rank's rows of ``part``, which starts at row ``base`` of ``loaded``."""
+        if part == "q":
+            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         else:
-            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, total = self.kv_size, self.total_num_kv_heads * self.head_dim
-            start = (self.tp_rank // self.kv_replicas) * self.kv_size
-        check_dim(loaded, 0, total)
+            offset = self.q_size if part == "k" else self.q_size + self.kv_size
+            size, start = self.kv_size, (self.tp_rank // self.kv_replicas) * self.kv_size
         if param.dim() == 2:
             check_dim(loaded, 1, param.shape[1])
-        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, start, size))
+        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, base + start, size))
 
 
 class RowParallelLinear(LinearBase):

@@ -15,24 +15,48 @@ from pathlib import Path
 
 from filelock import FileLock
 
-# Only the tensors of these GGUF architectures map onto our model classes.
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
-_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF ``general.architecture`` -> our model class, for the architectures whose metadata and tensors
+# transformers' GGUF loader can describe. Fields it does not read keep its config defaults (Gemma 2's soft-caps
+# and query_pre_attn_scalar, Gemma 3's local RoPE base and global RoPE scaling, Phi-3's LongRoPE factors,
+# Qwen3's head_dim).
+_HF_ARCHITECTURE = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(sorted(_HF_ARCHITECTURE))
+# keep_quantization reads Q4 blocks under the Llama family's tensor layout only.
+KEEP_QUANTIZATION_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def gguf_architecture(gguf_path: str | os.PathLike) -> str:
+    """The file's ``general.architecture``; a llama.cpp Mixtral (``llama`` with experts) is a ValueError, as
+    transformers' GGUF loader reads no expert tensors for it."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
     field = reader.fields.get("general.architecture")
     if field is None:
         raise ValueError(f"{gguf_path}: not a model GGUF file (no general.architecture)")
-    return field.contents()
+    arch = field.contents()
+    experts = reader.fields.get(f"{arch}.expert_count")
+    if arch in ("llama", "mistral") and experts is not None and experts.contents():
+        raise ValueError(f"{gguf_path}: a mixture-of-experts {arch!r} GGUF (Mixtral) cannot be converted: "
+                         f"transformers' GGUF loader does not map its expert tensors; GGUF architectures supported: "
+                         f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
+    return arch
 
 
 def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False,
                  keep_quantization: bool = False) -> Path:
-    """Converts ``src`` (a Llama-family GGUF file) into the folder ``dest``; returns ``dest``.
+    """Converts ``src`` (a GGUF file of one of ``SUPPORTED_GGUF_ARCHITECTURES``) into the folder ``dest``; returns
+    ``dest``.
 
     With ``keep_quantization`` the decoder-layer linears are written as a dist-infer int4 (group 32)
     checkpoint, 4-bit GGUF blocks taken over as they are; otherwise every tensor is dequantized to fp32.
@@ -50,6 +74,10 @@ def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: 
         raise ValueError(
             f"{src}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
+    if keep_quantization and arch not in KEEP_QUANTIZATION_ARCHITECTURES:
+        raise ValueError(f"{src}: keeping GGUF quantization is supported for "
+                         f"{', '.join(KEEP_QUANTIZATION_ARCHITECTURES)} only, not {arch!r}; convert without "
+                         f"keep_quantization (dequantized)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if _is_complete(dest):

@@ -8,20 +8,25 @@ the Q/K/V projections.
 
 A pipeline stage builds only layers [start, end); the first stage owns the embedding, the last the final
 norm and LM head. Stages hand each other ``(hidden, residual)``.
+
+``LlamaModel`` and ``LlamaAttention`` take the variations of the families built on them (``phi3.py``,
+``qwen3.py``, ``gemma2.py``, ``gemma3.py``): the decoder layer, the norm, an embedding scale, per-layer-type
+RoPE, a query scale, attention soft-capping and per-head q/k norms.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from dist_infer.layers.activation import SiluAndMul
+from dist_infer.layers.activation import gated_activation
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.layernorm import RMSNorm
 from dist_infer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from dist_infer.layers.rotary import RotaryEmbedding
+from dist_infer.layers.rotary import RotaryEmbedding, rope_layer_types
 from dist_infer.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 
@@ -34,20 +39,27 @@ def sliding_window_for(config, layer_idx: int) -> int | None:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype, quant_config=None):
+    """``W_down(act(W_gate x) * W_up x)``: SwiGLU with ``act="silu"``, GeGLU with ``"gelu_pytorch_tanh"``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype, quant_config=None,
+                 act: str = "silu"):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
                                                        params_dtype=dtype, quant_config=quant_config)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, params_dtype=dtype,
                                            quant_config=quant_config)
-        self.act_fn = SiluAndMul()
+        self.act_fn = gated_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, dtype: torch.dtype, quant_config=None):
+    """``scale`` defaults to ``head_dim**-0.5``; ``logit_softcap`` caps the attention scores (Gemma 2);
+    ``qk_norm`` (a norm class) normalizes each query and key head before RoPE (Qwen3, Gemma 3)."""
+
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, dtype: torch.dtype, quant_config=None,
+                 scale: float | None = None, logit_softcap: float | None = None, qk_norm=None):
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
@@ -57,29 +69,45 @@ class LlamaAttention(nn.Module):
                                           quant_config=quant_config)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias=o_bias, params_dtype=dtype,
                                         quant_config=quant_config)
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale=head_dim**-0.5,
-                              sliding_window=sliding_window_for(config, layer_idx))
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads,
+                              scale=head_dim**-0.5 if scale is None else scale,
+                              sliding_window=sliding_window_for(config, layer_idx), logit_softcap=logit_softcap)
+        self.qk_norm = qk_norm is not None
+        if self.qk_norm:
+            self.q_norm = qk_norm(head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = qk_norm(head_dim, config.rms_norm_eps, dtype)
+
+    def position_qk(self, qk: torch.Tensor, cos_sin) -> torch.Tensor:
+        """[T, Hq + Hk, D] query and key heads -> the same, (normalized and) rotated."""
+        if self.qk_norm:
+            heads = self.qkv_proj.num_heads
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        return RotaryEmbedding.apply(qk, cos_sin)
 
     def forward(self, cos_sin, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        qk = self.rotate_qk(qkv[:, : q_size + kv_size], cos_sin)
+        # Q and K sit side by side in the fused output, so one rotation covers both. unflatten/flatten, not
+        # view(T, -1, D): an empty step (T = 0, replicas in lockstep) leaves no size to infer.
+        heads = qkv[:, : q_size + kv_size].unflatten(-1, (-1, self.attn.head_dim))
+        qk = self.position_qk(heads, cos_sin).flatten(1)
         return self.o_proj(self.attn(qk[:, :q_size], qk[:, q_size:], qkv[:, q_size + kv_size:]))
 
-    def rotate_qk(self, qk: torch.Tensor, cos_sin) -> torch.Tensor:
-        """[T, (heads + kv_heads) * D] -> the same with RoPE applied to every head. Q and K sit side by side in
-        the fused output, so one rotation covers both."""
-        # unflatten/flatten, not view(T, -1, D): an empty step (T = 0, lockstep) has no size to infer.
-        return RotaryEmbedding.apply(qk.unflatten(-1, (-1, self.attn.head_dim)), cos_sin).flatten(1)
+
+def add_and_norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None):
+    """A block's input norm -> (normalized, residual stream): the residual stream starts as the block's input in
+    the first layer of a stage and is ``hidden + residual`` in later ones."""
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
-    attention_cls = LlamaAttention
-
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, dtype: torch.dtype, quant_config=None):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, dtype: torch.dtype, quant_config=None,
+                 attention_class=LlamaAttention):
         super().__init__()
         attn_bias = getattr(config, "attention_bias", False) or False
-        self.self_attn = self.attention_cls(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype, quant_config)
+        self.self_attn = attention_class(config, layer_idx, qkv_bias or attn_bias, attn_bias, dtype, quant_config)
         self.mlp = self.make_mlp(config, layer_idx, dtype, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -87,13 +115,10 @@ class LlamaDecoderLayer(nn.Module):
     def make_mlp(self, config, layer_idx: int, dtype: torch.dtype, quant_config) -> nn.Module:
         """The feed-forward block of layer ``layer_idx`` (mixture-of-experts models choose per layer)."""
         return LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), dtype,
-                        quant_config)
+                        quant_config, act=getattr(config, "hidden_act", "silu"))
 
     def forward(self, cos_sin, hidden, residual):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(cos_sin, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
@@ -104,26 +129,38 @@ class MissingLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding (first stage), decoder layers [start, end) built by ``make_layer(i)``, final norm (last stage).
+
+    ``embed_scale`` multiplies the embeddings (Gemma: ``sqrt(hidden)``, rounded to the activation dtype as the
+    reference does). Layers whose type has RoPE parameters of its own (Gemma 3) get that type's table.
+    """
+
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int],
-                 is_first: bool, is_last: bool, qkv_bias: bool, quant_config=None,
-                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer):
+                 is_first: bool, is_last: bool, make_layer: Callable[[int], nn.Module], norm_class=RMSNorm,
+                 embed_scale: float | None = None):
         super().__init__()
         self.start, self.end = layer_range
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype) if is_first else None
-        self.rotary_emb = RotaryEmbedding(config, head_dim, max_positions, dtype)
+        self.embed_scale = embed_scale
+        rope_types = rope_layer_types(config)
+        self.rotary_emb = nn.ModuleDict(
+            {t: RotaryEmbedding(config, head_dim, max_positions, dtype, layer_type=t) for t in rope_types}
+            if rope_types else {"all": RotaryEmbedding(config, head_dim, max_positions, dtype)})
+        self.rope_of_layer = [config.layer_types[i] if rope_types else "all" for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(
-            layer_cls(config, i, qkv_bias, dtype, quant_config) if self.start <= i < self.end else MissingLayer()
-            for i in range(config.num_hidden_layers)
+            make_layer(i) if self.start <= i < self.end else MissingLayer() for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if is_last else None
+        self.norm = norm_class(config.hidden_size, config.rms_norm_eps, dtype) if is_last else None
 
     def forward(self, input_ids, positions, hidden=None, residual=None):
         if self.embed_tokens is not None:
             hidden, residual = self.embed_tokens(input_ids), None
-        cos_sin = self.rotary_emb.lookup(positions)
-        for layer in self.layers[self.start:self.end]:
-            hidden, residual = layer(cos_sin, hidden, residual)
+            if self.embed_scale is not None:
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        tables = {name: rope.lookup(positions) for name, rope in self.rotary_emb.items()}
+        for i in range(self.start, self.end):
+            hidden, residual = self.layers[i](tables[self.rope_of_layer[i]], hidden, residual)
         if self.norm is None:
             return hidden, residual
         return self.norm(hidden, residual)[0]
@@ -142,7 +179,8 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias = False
-    decoder_layer_cls = LlamaDecoderLayer
+    attention_class = LlamaAttention
+    decoder_layer_class = LlamaDecoderLayer
 
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int] | None = None,
                  is_first: bool = True, is_last: bool = True, quant_config=None):
@@ -152,12 +190,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.layer_range = layer_range or (0, config.num_hidden_layers)
         self.is_first, self.is_last = is_first, is_last
-        self.model = LlamaModel(config, dtype, max_positions, self.layer_range, is_first, is_last, self.qkv_bias,
-                                quant_config, self.decoder_layer_cls)
+        self.model = self.build_model(config, dtype, max_positions, is_first, is_last, quant_config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype) if is_last else None
         if self.tied and is_first and is_last:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_model(self, config, dtype, max_positions, is_first, is_last, quant_config) -> LlamaModel:
+        return LlamaModel(config, dtype, max_positions, self.layer_range, is_first, is_last,
+                          lambda i: self.decoder_layer_class(config, i, self.qkv_bias, dtype, quant_config,
+                                                             self.attention_class))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden=None, residual=None):
         """input_ids, positions [T] -> final hidden [T, hidden] on the last stage, else (hidden, residual)."""

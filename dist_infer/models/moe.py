@@ -51,7 +51,7 @@ class MoeDecoderLayer(LlamaDecoderLayer):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    decoder_layer_cls = MoeDecoderLayer
+    decoder_layer_class = MoeDecoderLayer
 
     def checkpoint_name(self, name: str) -> str:
         """The checkpoint's tensor name in this module's spelling (Mixtral renames)."""

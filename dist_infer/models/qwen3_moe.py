@@ -3,13 +3,9 @@ shared expert (see ``moe``)."""
 
 from __future__ import annotations
 
-from dist_infer.models.moe import MoeDecoderLayer, MoeForCausalLM
-from dist_infer.models.qwen3 import Qwen3Attention
-
-
-class Qwen3MoeDecoderLayer(MoeDecoderLayer):
-    attention_cls = Qwen3Attention
+from dist_infer.models.moe import MoeForCausalLM
+from dist_infer.models.qwen3 import Qwen3ForCausalLM
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):
-    decoder_layer_cls = Qwen3MoeDecoderLayer
+    attention_class = Qwen3ForCausalLM.attention_class

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dist_infer.models.gemma2 import Gemma2ForCausalLM
+from dist_infer.models.gemma3 import Gemma3ForCausalLM
 from dist_infer.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from dist_infer.models.mixtral import MixtralForCausalLM
+from dist_infer.models.phi3 import Phi3ForCausalLM
 from dist_infer.models.qwen2_moe import Qwen2MoeForCausalLM
 from dist_infer.models.qwen3 import Qwen3ForCausalLM
 from dist_infer.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
