@@ -61,9 +61,9 @@ def test_scheduler_modules_import_no_torch():
 def test_allocate_and_free_blocks():
     kv = KVCacheManager(5, 4, enable_prefix_caching=False)
     toks = list(range(100))
-    assert kv.allocate_slots("a", toks, 0, 9) == [0, 1, 2]
-    assert kv.allocate_slots("a", toks, 9, 3) == []
-    assert kv.allocate_slots("a", toks, 12, 1) == [3]
+    assert kv.allocate_slots("a", toks, 0, 9) == [[0, 1, 2]]
+    assert kv.allocate_slots("a", toks, 9, 3) == [[]]
+    assert kv.allocate_slots("a", toks, 12, 1) == [[3]]
     assert kv.allocate_slots("b", toks, 0, 8) is None  # one block left: nothing is taken
     assert kv.num_free_blocks == 1
     kv.free("a")
@@ -75,13 +75,13 @@ def test_shared_prefix_blocks_are_reference_counted():
     prompt = list(range(1, 11))  # 2 full blocks + 2 tokens
     kv.allocate_slots("a", prompt, 0, 10)
     hits, n = kv.get_computed_blocks("b", prompt + [99])
-    assert n == 8 and [h.block_id for h in hits] == kv.block_ids("a")[:2]
+    assert n == 8 and [h.block_id for h in hits[0]] == kv.block_ids("a")[:2]
     kv.allocate_slots("b", prompt + [99], 8, 3, hits)
     assert kv.block_ids("b")[:2] == kv.block_ids("a")[:2]
-    assert [b.ref_cnt for b in kv.block_tables["b"][:2]] == [2, 2]
+    assert [b.ref_cnt for b in kv.block_tables["b"][0][:2]] == [2, 2]
     assert kv.num_free_blocks == 10 - 3 - 1
     kv.free("a")
-    assert [b.ref_cnt for b in kv.block_tables["b"][:2]] == [1, 1]  # still held by b
+    assert [b.ref_cnt for b in kv.block_tables["b"][0][:2]] == [1, 1]  # still held by b
     kv.free("b")
     assert kv.num_free_blocks == 10
     # Freed but still cached: a third request with the prefix finds them.
@@ -241,7 +241,7 @@ def test_resumed_request_is_sent_as_a_diff_with_its_new_table():
         if not sched.num_unfinished:
             break
     assert seen is not None and seen.num_computed_tokens == 0
-    assert len(seen.new_block_ids) == kv.blocks_for(4 + 1)  # prompt + 1 output, recomputed in new blocks
+    assert len(seen.new_block_ids[0]) == kv.blocks_for(4 + 1)  # prompt + 1 output, recomputed in new blocks
 
 
 def test_requests_that_can_never_fit_are_rejected():

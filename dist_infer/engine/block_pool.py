@@ -22,14 +22,19 @@ class KVCacheBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool):
+    """``num_blocks`` blocks to hand out. With ``null_block`` (a sliding-window group) block 0 is reserved on top
+    of them: it stands in table entries whose block was given back, and is never handed out or cached."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool, null_block: bool = False):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks + null_block)]
+        self.null_block = self.blocks[0] if null_block else None
         # block_id -> block, least recently freed first.
-        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks[int(null_block):])
         self.cached: dict[BlockKey, KVCacheBlock] = {}
 
     @property

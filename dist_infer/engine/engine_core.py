@@ -20,13 +20,16 @@ from dist_infer.engine.kv_cache_manager import KVCacheManager
 from dist_infer.engine.messages import EngineCoreOutput, SchedulerOutput
 from dist_infer.engine.scheduler import Scheduler
 from dist_infer.executor.base import Executor
+from dist_infer.kv_cache_groups import KVCacheGroups
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, num_blocks: int, replica: int, executor: Executor):
+    def __init__(self, config: EngineConfig, num_blocks: list[int], replica: int, executor: Executor):
+        """``num_blocks``: usable KV blocks per KV-cache group (``kv_cache_groups``)."""
         self.replica, self.executor = replica, executor
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache_config.block_size,
-                                               config.cache_config.enable_prefix_caching)
+                                               config.cache_config.enable_prefix_caching,
+                                               KVCacheGroups.from_hf_config(config.model_config.hf_config))
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager, config.model_config.max_model_len)
         self.in_flight: deque[tuple[SchedulerOutput, Future]] = deque()
         self._started: deque[float] = deque()  # when each step in flight was handed to the workers

@@ -69,12 +69,14 @@ class LLMEngine:
             for future in [pool.submit(self.executor.build, d) for d in range(count)]:
                 future.result()
 
-    def _size_kv_cache(self) -> int:
+    def _size_kv_cache(self) -> list[int]:
+        """Usable blocks per KV-cache group, allocated on every worker."""
         model_config, block_size = self.config.model_config, self.config.cache_config.block_size
         num_blocks = self.executor.determine_num_blocks()
-        if num_blocks * block_size < model_config.max_model_len:
+        # The full-attention group (group 0) holds whole sequences; sliding groups are sized for their windows.
+        if num_blocks[0] * block_size < model_config.max_model_len:
             raise ValueError(
-                f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks), fewer than one "
+                f"the KV cache holds {num_blocks[0] * block_size} tokens ({num_blocks[0]} blocks), fewer than one "
                 f"sequence of max_model_len={model_config.max_model_len}; lower max_model_len or give the cache "
                 f"more memory (kv_cache_memory / gpu_memory_utilization)"
             )
@@ -132,9 +134,7 @@ class LLMEngine:
         """Counts and rates right now (running/waiting, KV use, prefix hits, preemptions), summed over replicas."""
         total = SchedulerStats()
         for core in self.cores:
-            stats = core.scheduler.get_stats()
-            for name, value in vars(stats).items():
-                setattr(total, name, getattr(total, name) + value)
+            total.add(core.scheduler.get_stats())
         total.num_waiting += len(self.replicas.orphans)
         return total
 

@@ -1,7 +1,9 @@
 """Typed messages between the engine (scheduler) and the workers. Plain Python, picklable.
 
 Workers keep each request's state; after the first step they receive only what changed (tokens appended,
-blocks added), never the whole request again.
+blocks added, blocks given back), never the whole request again. Block ids come per KV-cache group
+(``kv_cache_groups``): a request has one block table per group, and a sliding-window group's table has its
+leading entries replaced by the null block (id 0) as they leave every window of the request.
 
 Prompt logprobs: the scheduler names, per step, which prompt positions each request asking for them has scored
 (``SchedulerOutput.prompt_logprob_spans``); the last stage's sampling rank returns one ``PromptLogprobs`` chunk
@@ -22,7 +24,7 @@ class NewRequestData:
     req_id: str
     token_ids: list[int]  # every token known so far (the prompt, plus outputs for a resumed request)
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per group, its whole table (null entries as 0)
     num_computed_tokens: int
     # The original prompt's length, also when ``token_ids`` holds outputs (resent after a migration): the
     # workers count only the tokens after it as generated (penalties, bad words, min_tokens).
@@ -36,9 +38,11 @@ class CachedRequestData:
 
     req_id: str
     new_token_ids: list[int]  # tokens appended to the sequence since the workers last heard
-    new_block_ids: list[int]  # blocks appended to its table; its whole new table when resumed
+    new_block_ids: list[list[int]]  # per group, blocks appended to its table; its whole new table when resumed
     num_computed_tokens: int
     resumed_from_preemption: bool = False
+    # Per group, how many leading entries of its table are the null block now (blocks given back); () for none.
+    num_null: tuple[int, ...] = ()
 
 
 @dataclass

@@ -49,7 +49,7 @@ class EngineUnavailableError(RuntimeError):
 
 
 class ReplicaManager:
-    def __init__(self, config: EngineConfig, executors: ExecutorGroup, num_blocks: int, on_change=None):
+    def __init__(self, config: EngineConfig, executors: ExecutorGroup, num_blocks: list[int], on_change=None):
         self.config, self.executors, self.num_blocks = config, executors, num_blocks
         rc = config.replica_config
         self.replica_config = rc

@@ -36,7 +36,7 @@ class BuildResult:
 
 
 class ReplicaSupervisor:
-    def __init__(self, executors: ExecutorGroup, num_blocks: int, max_attempts: int, backoff_s: float,
+    def __init__(self, executors: ExecutorGroup, num_blocks: list[int], max_attempts: int, backoff_s: float,
                  on_result: Callable[[], None] | None = None):
         self.executors, self.num_blocks = executors, num_blocks
         self.max_attempts, self.backoff_s = max_attempts, backoff_s

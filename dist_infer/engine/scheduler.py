@@ -18,6 +18,11 @@ fill the cache for others. Each step names the positions its chunk scores (``pro
 ``Request.prompt_logprobs_next`` advances only when they come back, so a prompt recomputed after a preemption
 or a migration (whose "prompt" then holds its outputs too) is never reported twice, nor past its original end.
 
+KV-cache groups (``kv_cache_groups``): a model mixing full-attention and sliding-window layers has one block table
+per group and request; a request runs only if every group has room, and preemption and finishing free every
+group. A sliding group's blocks that every window of a request has left go back to the pool when the step that
+advanced it returns (the workers hear of them with its next step, ``CachedRequestData.num_null``).
+
 With pipeline parallelism several steps are in flight at once; a request scheduled in a step that has not
 come back yet sits out (and cannot be preempted) until it does, so in-flight steps hold disjoint requests.
 """
@@ -46,7 +51,7 @@ class Scheduler:
         self.waiting: list[tuple] = []  # heap of (priority, arrival, seq, request)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.stats = SchedulerStats(kv_blocks_total=kv.num_blocks)
+        self.stats = SchedulerStats(kv_blocks_total=kv.num_blocks, kv_group_blocks_total=kv.group_num_blocks)
         self._seq = itertools.count()
         self._finished_since_last_step: set[str] = set()
         self._in_flight: set[str] = set()  # requests of steps not yet returned
@@ -61,12 +66,17 @@ class Scheduler:
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) exceeds "
                 f"max_model_len={self.max_model_len}"
             )
-        need = self.kv.blocks_for(request.max_total_tokens)
-        if need > self.kv.num_blocks:
-            raise ValueError(
-                f"request needs {need} KV blocks at full length but the whole cache has {self.kv.num_blocks}; "
-                f"lower max_tokens or give the KV cache more memory"
-            )
+        max_chunk = min(self.config.long_prefill_token_threshold or self.config.max_num_batched_tokens,
+                        self.config.max_num_batched_tokens)
+        held = self.kv.max_blocks_held(request.max_total_tokens, max_chunk)
+        for group, (need, have) in enumerate(zip(held, self.kv.group_num_blocks)):
+            if need > have:
+                window = self.kv.groups.windows[group]
+                where = "the whole cache" if window is None else f"the sliding-window ({window}) group"
+                raise ValueError(
+                    f"request needs {need} KV blocks at full length but {where} has {have}; "
+                    f"lower max_tokens or give the KV cache more memory"
+                )
         self.requests[request.request_id] = request
         self.stats.requests_added += 1
         self._push_waiting(request)
@@ -128,7 +138,7 @@ class Scheduler:
     def get_stats(self) -> SchedulerStats:
         stats = self.stats
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
-        stats.kv_blocks_free = self.kv.num_free_blocks
+        stats.kv_blocks_free, stats.kv_group_blocks_free = self.kv.num_free_blocks, self.kv.group_free_blocks
         return SchedulerStats(**vars(stats))
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -143,7 +153,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         seats = max_requests if max_requests is not None else self.config.max_num_seqs
         scheduled: dict[str, int] = {}
-        new_blocks: dict[str, list[int]] = {}
+        new_blocks: dict[str, list[list[int]]] = {}  # per request, per KV-cache group
         preempted = False
 
         # Decodes (one token left) before prompt chunks; sorted() is stable, so arrival order holds within each.
@@ -218,7 +228,7 @@ class Scheduler:
         hi = min(start + n + 1, request.num_prompt_tokens)
         return (lo, hi) if lo < hi else None
 
-    def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+    def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[list[int]]],
                       admitted: list[Request]) -> SchedulerOutput:
         out = SchedulerOutput(num_scheduled_tokens=scheduled, finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
@@ -236,7 +246,8 @@ class Scheduler:
                 resumed = request_id in admitted_ids  # a preempted request back from the waiting queue
                 out.cached_requests.append(CachedRequestData(
                     request_id, request.token_ids[request.num_tokens_sent:], new_blocks[request_id],
-                    request.num_computed_tokens, resumed_from_preemption=resumed))
+                    request.num_computed_tokens, resumed_from_preemption=resumed,
+                    num_null=self.kv.num_null(request_id)))
             request.status = RequestStatus.RUNNING
             request.num_tokens_sent = request.num_tokens
         return out
@@ -255,6 +266,7 @@ class Scheduler:
             start = request.num_computed_tokens
             stats.prompt_tokens_computed += max(0, min(start + n, request.num_prompt_tokens) - start)
             request.num_computed_tokens += n
+            self.kv.release_out_of_window(request_id, request.num_computed_tokens)
             prompt_logprobs = result.prompt_logprobs.get(request_id)
             if prompt_logprobs is not None:
                 request.prompt_logprobs_next = scheduled.prompt_logprob_spans[request_id][1]

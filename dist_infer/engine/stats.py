@@ -36,6 +36,10 @@ class SchedulerStats:
     num_waiting: int = 0
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
+    # Per KV-cache group (``kv_cache_groups``: full attention first, then each sliding window); the two above
+    # are their sums.
+    kv_group_blocks_total: tuple[int, ...] = ()
+    kv_group_blocks_free: tuple[int, ...] = ()
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, found there
     num_preemptions: int = 0  # since start
@@ -48,6 +52,20 @@ class SchedulerStats:
     @property
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def kv_group_blocks_used(self) -> tuple[int, ...]:
+        return tuple(t - f for t, f in zip(self.kv_group_blocks_total, self.kv_group_blocks_free))
+
+    def add(self, other: SchedulerStats) -> None:
+        """Adds ``other``'s numbers to these (replicas summed); per-group tuples add group by group."""
+        for name, value in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(value, tuple):
+                value = tuple(a + b for a, b in zip(mine, value)) if mine else value
+            else:
+                value = mine + value
+            setattr(self, name, value)
 
     @property
     def kv_cache_usage(self) -> float:

@@ -79,11 +79,12 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput, replica: int = 0) -> Future[ModelRunnerOutput]:
         """Starts one step on a replica; the future holds what its sampling rank returned."""
 
-    def determine_num_blocks(self) -> int:
-        # Every worker must hold the same blocks, so the smallest budget wins.
-        return min(self.collective_rpc("determine_num_blocks"))
+    def determine_num_blocks(self) -> list[int]:
+        """Usable blocks per KV-cache group. Every worker must hold the same blocks, so in each group the
+        smallest budget wins."""
+        return [min(counts) for counts in zip(*self.collective_rpc("determine_num_blocks"))]
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: list[int]) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
 
     def shutdown(self, graceful: bool = True) -> None:

@@ -12,7 +12,8 @@ Each step: the new K/V of every token are written to their slots, then
   step's K/V when the span starts at position 0, else gathered from the cache (earlier chunks, cached prefix).
 
 Grouped-query attention shares each K/V head among ``num_heads / num_kv_heads`` query heads. A sliding
-window ``w`` (Mistral) restricts query position ``m`` to keys at positions ``> m - w``.
+window ``w`` (Mistral) restricts query position ``m`` to keys at positions ``> m - w``. A sliding layer's blocks
+before the window may have been given back: their table entries point at the null block, which the masks hide.
 
 Logit soft-capping (Gemma 2) bounds each score before the softmax: ``s' = c * tanh(s / c)`` with
 ``s = q k^T * scale``. PyTorch's SDPA cannot do that, so a capped layer computes its scores explicitly
@@ -84,13 +85,15 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self._sdpa = F.scaled_dot_product_attention if logit_softcap is None else functools.partial(
             softcapped_attention, softcap=logit_softcap)
+        self.kv_group = 0
 
     def bind_kv_cache(self, kv_cache: torch.Tensor, workspace: GatherWorkspace | None = None,
-                      kv_scales: torch.Tensor | None = None) -> None:
+                      kv_scales: torch.Tensor | None = None, kv_group: int = 0) -> None:
         """Attaches this layer's cache [2, num_blocks, block_size, num_kv_heads, head_dim] and the gather
         buffer it shares with the other layers of its model. An int8 cache comes with ``kv_scales``
-        [2, num_blocks, num_kv_heads] (see ``kv_int8.py``)."""
-        self.kv_cache, self.kv_scales = kv_cache, kv_scales
+        [2, num_blocks, num_kv_heads] (see ``kv_int8.py``). ``kv_group``: the KV-cache group whose blocks the
+        cache holds; the layer reads that group's slots and block tables from the forward context."""
+        self.kv_cache, self.kv_scales, self.kv_group = kv_cache, kv_scales, kv_group
         self.workspace = workspace or GatherWorkspace(kv_cache.device)
         self._native = None
         # The native kernel cannot cap scores; capped layers take the PyTorch path.
@@ -107,7 +110,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hk*D] -> [T, Hq*D]."""
-        meta = get_attention_metadata()
+        meta = get_attention_metadata(self.kv_group)
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)

@@ -72,11 +72,12 @@ class AttentionMetadata:
         return writes
 
 
-_current: AttentionMetadata | None = None
+_current: AttentionMetadata | list[AttentionMetadata] | None = None
 
 
 @contextmanager
-def set_forward_context(metadata: AttentionMetadata):
+def set_forward_context(metadata: AttentionMetadata | list[AttentionMetadata]):
+    """``metadata``: one per KV-cache group (each group has its own block tables and slots), or one for all."""
     global _current
     previous, _current = _current, metadata
     try:
@@ -85,7 +86,8 @@ def set_forward_context(metadata: AttentionMetadata):
         _current = previous
 
 
-def get_attention_metadata() -> AttentionMetadata:
+def get_attention_metadata(group: int = 0) -> AttentionMetadata:
+    """The step's metadata for the layers of KV-cache group ``group``."""
     if _current is None:
         raise RuntimeError("attention ran outside set_forward_context(); the model runner sets it for each step")
-    return _current
+    return _current[group] if isinstance(_current, list) else _current

@@ -22,20 +22,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dist_infer.kv_cache_groups import sliding_window_for
 from dist_infer.layers.activation import gated_activation
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.layernorm import RMSNorm
 from dist_infer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from dist_infer.layers.rotary import RotaryEmbedding, rope_layer_types
 from dist_infer.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-
-
-def sliding_window_for(config, layer_idx: int) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return window if layer_types[layer_idx] == "sliding_attention" else None
-    return window
 
 
 class LlamaMLP(nn.Module):

@@ -10,6 +10,7 @@ from dist_infer.config import EngineConfig
 from dist_infer.distributed.parallel_state import get_pp_group, get_tp_group
 from dist_infer.distributed.pipeline_comm import PipelineComm
 from dist_infer.engine.messages import ModelRunnerOutput, PromptLogprobs, SchedulerOutput, TokenLogprobs
+from dist_infer.kv_cache_groups import KVCacheGroups
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.forward_context import set_forward_context
 from dist_infer.layers.logprobs import target_logprobs
@@ -49,7 +50,8 @@ class ModelRunner:
                                         device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_store = KVCacheStore(self.attention_layers, self.block_size, self.model_config.torch_dtype,
-                                     config.cache_config.kv_cache_dtype, device)
+                                     config.cache_config.kv_cache_dtype, device,
+                                     KVCacheGroups.from_hf_config(self.model_config.hf_config))
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.structured = StructuredOutputs(self._load_tokenizer, self.model_config.vocab_size)
@@ -65,7 +67,10 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         return self.kv_store.bytes_per_block()
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def kv_group_bytes_per_block(self) -> list[int]:
+        return self.kv_store.group_bytes_per_block()
+
+    def allocate_kv_cache(self, num_blocks: int | list[int]) -> None:
         self.kv_store.allocate(num_blocks)
 
     # ---- request state -------------------------------------------------------------------------------
@@ -82,9 +87,17 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
             if cached.resumed_from_preemption:  # its old blocks went back to the pool
-                state.block_ids = list(cached.new_block_ids)
+                state.block_ids = [list(ids) for ids in cached.new_block_ids]
             else:
-                state.block_ids.extend(cached.new_block_ids)
+                for table, ids in zip(state.block_ids, cached.new_block_ids):
+                    table.extend(ids)
+            for table, num_null in zip(state.block_ids, cached.num_null):
+                # Blocks given back (they left the sliding window) read the null block from now on. Nulls form a
+                # prefix and no real block of a sliding group is 0, so walking back to the last null suffices.
+                start = num_null
+                while start > 0 and table[start - 1] != 0:
+                    start -= 1
+                table[start:num_null] = [0] * (num_null - start)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ---- one step ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ class CachedRequestState:
     req_id: str
     token_ids: list[int]  # prompt, then the output so far
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV-cache group, its block table (0: the null block of a sliding group)
     num_computed_tokens: int
     # The ORIGINAL prompt's length (None: all of ``token_ids`` at creation). A request resent whole (after a
     # migration) keeps it, so that penalties, bad words and min_tokens see the same output as undisturbed.
@@ -32,7 +32,7 @@ class CachedRequestState:
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> CachedRequestState:
-        return cls(new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
+        return cls(new.req_id, list(new.token_ids), new.sampling_params, [list(ids) for ids in new.block_ids],
                    new.num_computed_tokens, new.num_prompt_tokens, tuple(new.eos_token_ids))
 
     @property

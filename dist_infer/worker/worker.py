@@ -6,6 +6,7 @@ these methods; everything a worker needs to know arrives in the engine config an
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -48,6 +49,9 @@ class Worker:
         self.coords = layout.coords(rank)
         memory = PeakMemory()
         self.runner = ModelRunner(config, self.device, memory.sample)
+        # Garbage left from before (an earlier engine in this process) would otherwise be freed at some later
+        # moment and hide part of what the KV cache costs from ``anon_rss_bytes - anon_rss_after_load``.
+        gc.collect()
         self.load_report = {
             "rank": rank,
             "tp_rank": get_tp_group().rank_in_group,
@@ -63,33 +67,50 @@ class Worker:
         self.steps, self.step_seconds, self.ready_at = 0, 0.0, time.monotonic()
 
     def memory_report(self) -> dict:
-        """What loading took, the KV cache's bytes (all of them resident: the cache is filled when allocated)
-        and the private memory this process holds now."""
-        return dict(self.load_report, kv_cache_bytes=self.kv_cache_bytes, anon_rss_bytes=anon_rss_bytes())
+        """What loading took, the KV cache's bytes (all of them resident: the cache is filled when allocated),
+        per KV-cache group its window (None: full attention), usable blocks and bytes per block here, and the
+        private memory this process holds now."""
+        store = self.runner.kv_store
+        return dict(self.load_report, kv_cache_bytes=self.kv_cache_bytes, anon_rss_bytes=anon_rss_bytes(),
+                    kv_group_windows=list(store.groups.windows), kv_group_blocks=list(store.num_blocks),
+                    kv_group_bytes_per_block=store.group_bytes_per_block())
 
     def kv_cache_budget(self) -> int:
         """Bytes this worker may give its KV cache (its share of the host's budget; see ``kv_cache_budget``)."""
         return kv_cache_budget(self.config.cache_config, self.device, self.local_world_size)
 
-    def determine_num_blocks(self) -> int:
-        cache = self.config.cache_config
+    def determine_num_blocks(self) -> list[int]:
+        """Usable blocks per KV-cache group (``kv_cache_groups``): each sliding group gets what its windows
+        need (``KVCacheGroups.sliding_blocks``), the full-attention group the rest of the budget -- unless giving
+        every group the same count (the layout without groups) leaves the full group more."""
+        cache, sched = self.config.cache_config, self.config.scheduler_config
+        groups = self.runner.kv_store.groups
         if cache.num_gpu_blocks_override is not None:
-            return cache.num_gpu_blocks_override
-        per_block = self.runner.kv_bytes_per_block()
+            return [cache.num_gpu_blocks_override] * len(groups)
+        per_group = self.runner.kv_group_bytes_per_block()
+        per_block = sum(per_group)
         budget = self.kv_cache_budget()
-        if budget < per_block:
+        nulls = sum(groups.null_blocks(g) * b for g, b in enumerate(per_group))
+        if budget - nulls < per_block:
             raise ValueError(
                 f"KV cache budget of {max(budget, 0)} bytes is less than one block ({per_block} bytes); "
                 f"raise kv_cache_memory, gpu_memory_utilization or cpu_kv_cache_fraction (on the CPU it is "
                 f"shared by the {self.local_world_size} worker(s) of this host)"
             )
         # More blocks than every sequence at full length can use would only waste memory.
-        ceiling = self.config.scheduler_config.max_num_seqs * cdiv(self.config.model_config.max_model_len, cache.block_size)
-        return min(budget // per_block, ceiling)
+        ceiling = sched.max_num_seqs * cdiv(self.config.model_config.max_model_len, cache.block_size)
+        uniform = [min((budget - nulls) // per_block, ceiling)] * len(groups)
+        in_flight = self.config.parallel_config.max_batches_in_flight
+        split = [groups.sliding_blocks(g, sched.max_num_seqs, sched.max_num_batched_tokens,
+                                       self.config.model_config.max_model_len, cache.block_size, in_flight)
+                 if groups.is_sliding(g) else 0 for g in range(len(groups))]
+        rest = budget - nulls - sum(n * b for n, b in zip(split, per_group))
+        split[0] = min(rest // per_group[0], ceiling) if per_group[0] else ceiling
+        return split if split[0] >= uniform[0] else uniform
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: list[int]) -> None:
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv_cache_bytes = num_blocks * self.runner.kv_bytes_per_block()
+        self.kv_cache_bytes = self.runner.kv_store.allocated_bytes()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         start = time.perf_counter()
