@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen2Config
 
 from conftest import no_special_tokens, save_tiny_model
 from dist_infer import LLM, SamplingParams
@@ -135,7 +135,18 @@ MODELS = {
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=E2E_WINDOW,
         layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.3, **no_special_tokens()),
+    # Gemma 2: local and global layers alternating, scores and logits soft-capped.
+    "gemma2": lambda: Gemma2Config(**GEMMA, attn_logit_softcapping=4.0, final_logit_softcapping=8.0,
+                                   layer_types=["sliding_attention", "full_attention"] * 2),
+    # Gemma 3: three local layers to a global one, each kind with its own RoPE.
+    "gemma3": lambda: Gemma3TextConfig(
+        **GEMMA, layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
+GEMMA = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=E2E_WINDOW,
+             max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=True, **no_special_tokens())
 ENGINE = dict(skip_tokenizer_init=True, block_size=E2E_BLOCK, max_model_len=PROMPT + NEW, max_num_seqs=4,
               max_num_batched_tokens=16, long_prefill_token_threshold=12, enable_prefix_caching=True)
 
@@ -218,6 +229,7 @@ def test_long_context_matches_hf_with_bounded_sliding_blocks(model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma2", "qwen2-alternating"], indirect=True)
 def test_tp2_pp2_matches_hf(model, monkeypatch):
     """Also the PyTorch reference path of decode attention (the one-process test runs the CPU kernel), which
     gathers the null block for the given-back entries and masks it."""
