@@ -78,3 +78,14 @@ def tiny_llama_with_tokenizer(tmp_path_factory, default_model_path) -> str:
                          tie_word_embeddings=True, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2)
     return save_tiny_model(config, tmp_path_factory.mktemp("tiny_tok"), tokenizer_dir=default_model_path)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A private Ray instance shared by one test module's Ray cases (8 CPU slots, whatever the machine has)."""
+    import ray  # a required dependency: if it is broken the tests fail, they are not skipped
+    from dist_infer.executor.ray_cluster import start_private
+
+    start_private(num_cpus=8)
+    yield ray
+    ray.shutdown()

@@ -87,6 +87,15 @@ def hf_greedy_with_logprobs(hf, prompt: list[int], new_tokens: int):
     return tokens, logprobs
 
 
+def save_with_reference(config, path, items_of=None, **save_kwargs):
+    """Saves a tiny random model for ``config``; returns (path, HF model, workload items, ``hf_reference``).
+    ``items_of(vocab)`` gives the items (default: ``workload``)."""
+    path = save_tiny_model(config, path, **save_kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    items = (items_of or workload)(config.vocab_size)
+    return path, hf, items, hf_reference(hf, items)
+
+
 def hf_reference(hf, items) -> list[tuple[list[int], torch.Tensor]]:
     """``hf_greedy_with_logprobs`` for each (prompt, max_tokens, _) item."""
     return [hf_greedy_with_logprobs(hf, prompt, max_tokens) for prompt, max_tokens, _ in items]
@@ -101,6 +110,18 @@ def assert_matches_reference(outputs, reference, atol: float = 1e-4) -> None:
         for step, entries in enumerate(out.logprobs):
             got = torch.tensor([entry.logprob for entry in entries.values()])
             torch.testing.assert_close(got, logprobs[step, list(entries)], atol=atol, rtol=0)
+
+
+def finish_after_fault(engine, finished: dict, bound_s: float) -> None:
+    """Steps ``engine`` until no request is left, collecting finished outputs into ``finished``; no output may
+    carry an error, and it must be over within ``bound_s`` seconds."""
+    start = time.monotonic()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.finished:
+                finished[out.request_id] = out
+        assert time.monotonic() - start < bound_s, "requests did not finish after the fault"
 
 
 def hf_greedy_text(path: str, prompt: str, max_new_tokens: int) -> str:

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_model
 from dist_infer import LLM, SamplingParams
-from parallel_helpers import (assert_matches_reference, drive_outputs, hf_greedy_with_logprobs, hf_reference, pid_alive,
-                              wait_until, workload)
-from test_moe import FAMILIES
+from moe_configs import FAMILIES
+from parallel_helpers import (assert_matches_reference, drive_outputs, finish_after_fault, hf_greedy_with_logprobs,
+                              pid_alive, save_with_reference, wait_until, workload)
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 CASES = [("mixtral", "mp"), ("qwen2_moe", "mp"), ("qwen3_moe", "mp"), ("mixtral", "ray"), ("qwen2_moe", "ray"),
@@ -38,21 +34,10 @@ def checkpoints(tmp_path_factory):
     for name in MOE:
         make, bias_std = FAMILIES[name]
         config = make()
-        path = save_tiny_model(config, root / name, bias_std=bias_std)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        items = workload(config.vocab_size)
-        built[name] = path, config, hf_reference(hf, items), hf_greedy_with_logprobs(hf, LONE, 20)
+        path, hf, _, reference = save_with_reference(config, root / name, bias_std=bias_std)
+        built[name] = path, config, reference, hf_greedy_with_logprobs(hf, LONE, 20)
     return built
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    from dist_infer.executor.ray_cluster import start_private
-
-    start_private(num_cpus=8)
-    yield ray
-    ray.shutdown()
 
 
 def _engine(path, backend, **kwargs):
@@ -105,13 +90,7 @@ def test_a_killed_worker_fails_both_replicas_and_loses_nothing(checkpoints):
             finished.update({o.request_id: o for o in engine.step() if o.finished})
         assert all(core.scheduler.num_unfinished for core in engine.cores) and not finished
         os.kill(old[1], signal.SIGKILL)  # replica 1's worker
-        start = time.monotonic()
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                assert out.error is None, out.error
-                if out.finished:
-                    finished[out.request_id] = out
-            assert time.monotonic() - start < 120, "requests did not finish after the kill"
+        finish_after_fault(engine, finished, 120)
         assert [finished[str(i)].outputs[0].token_ids for i in range(6)] == reference
         events = [engine.replicas.replicas[d].events for d in (0, 1)]
         assert [e.failures for e in events] == [1, 1] and [e.rebuilds for e in events] == [1, 1]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
 
-from conftest import no_special_tokens, save_tiny_model
+from conftest import no_special_tokens
 from dist_infer import LLM
-from parallel_helpers import assert_matches_reference, drive_outputs, hf_reference, workload
+from parallel_helpers import assert_matches_reference, drive_outputs, hf_reference, save_with_reference
 
 SMALL = dict(vocab_size=163, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, **no_special_tokens())
@@ -70,21 +70,10 @@ def checkpoints(tmp_path_factory):
     root, built = tmp_path_factory.mktemp("families"), {}
     for name, factory in FAMILIES.items():
         config, overrides = factory()
-        path = save_tiny_model(config, root / name, norm_std=0.3)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        items = workload(config.vocab_size)
-        built[name] = path, overrides, items, hf_reference(hf, items)
+        path, _, items, reference = save_with_reference(config, root / name, norm_std=0.3)
+        built[name] = path, overrides, items, reference
     return built
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    from dist_infer.executor.ray_cluster import start_private
-
-    start_private(num_cpus=8)
-    yield ray
-    ray.shutdown()
 
 
 def _check(checkpoints, name, **layout):

@@ -12,32 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import MixtralConfig, Qwen2MoeConfig
 
-from conftest import no_special_tokens, save_tiny_model
+from conftest import save_tiny_model
 from dist_infer import LLM
 from dist_infer.distributed import parallel_state
 from dist_infer.distributed.parallel_state import ParallelGroup
 from dist_infer.engine.arg_utils import EngineArgs
 from dist_infer.layers.fused_moe import FusedMoE
-from parallel_helpers import assert_matches_reference, drive_outputs, hf_reference, workload
+from moe_configs import COMMON, FAMILIES
+from parallel_helpers import assert_matches_reference, drive_outputs, save_with_reference, workload
 
-_COMMON = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False, **no_special_tokens())
-FAMILIES = {
-    # head_dim 16 is not hidden / heads = 8: it must come from the config.
-    "qwen3": (lambda: Qwen3Config(vocab_size=157, intermediate_size=64, head_dim=16, **_COMMON), 0.0),
-    "mixtral": (lambda: MixtralConfig(vocab_size=151, num_local_experts=8, num_experts_per_tok=2,
-                                      intermediate_size=16, **_COMMON), 0.0),
-    # Layer 1 keeps a dense MLP; the top-k weights are not renormalized (norm_topk_prob=False).
-    "qwen2_moe": (lambda: Qwen2MoeConfig(vocab_size=163, num_experts=8, num_experts_per_tok=2,
-                                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                         intermediate_size=40, mlp_only_layers=[1], **_COMMON), 0.3),
-    # Layers 1 and 3 are sparse (decoder_sparse_step=2), 0 and 2 dense; renormalized top-k.
-    "qwen3_moe": (lambda: Qwen3MoeConfig(vocab_size=149, num_experts=8, num_experts_per_tok=2,
-                                         moe_intermediate_size=16, norm_topk_prob=True, intermediate_size=40,
-                                         decoder_sparse_step=2, head_dim=16, **_COMMON), 0.0),
-}
+
 LAYOUTS = {
     "tp1": {},
     "tp2": dict(tensor_parallel_size=2),
@@ -46,8 +32,11 @@ LAYOUTS = {
     "ep-tp2": dict(tensor_parallel_size=2, enable_expert_parallel=True),
 }
 # Each family at least once per executor; expert parallel on both, and for the shared-expert family.
-MP_CASES = [(f, lay) for f in FAMILIES for lay in ("tp2", "pp2")] + [("mixtral", "ep-tp2")]
-RAY_CASES = [("qwen3", "tp2pp2"), ("qwen3_moe", "tp2pp2"), ("mixtral", "ep-tp2"), ("qwen2_moe", "ep-tp2")]
+MOE = [f for f in FAMILIES if f != "qwen3"]
+MP_CASES = [(f, lay) for f in FAMILIES for lay in ("tp2", "pp2")] + [(f, "ep-tp2") for f in MOE]
+# Under Ray a tensor x pipeline launch covers both kinds of split, for every family, and each MoE family also
+# runs expert parallel.
+RAY_CASES = [(f, "tp2pp2") for f in FAMILIES] + [(f, "ep-tp2") for f in MOE]
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +45,9 @@ def checkpoints(tmp_path_factory):
     root, built = tmp_path_factory.mktemp("moe"), {}
     for name, (make, bias_std) in FAMILIES.items():
         config = make()
-        path = save_tiny_model(config, root / name, bias_std=bias_std)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        built[name] = path, config, hf_reference(hf, workload(config.vocab_size))
+        path, _, _, reference = save_with_reference(config, root / name, bias_std=bias_std)
+        built[name] = path, config, reference
     return built
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    from dist_infer.executor.ray_cluster import start_private
-
-    start_private(num_cpus=8)
-    yield ray
-    ray.shutdown()
 
 
 def _expert_bytes(config) -> int:
@@ -213,7 +191,7 @@ def test_uneven_experts_and_slices_are_value_errors(monkeypatch, tmp_path):
     monkeypatch.undo()
     # The engine config says the same before any worker starts, naming the sizes this model allows.
     mixtral = save_tiny_model(MixtralConfig(vocab_size=64, num_local_experts=6, num_experts_per_tok=2,
-                                            intermediate_size=16, **dict(_COMMON, num_hidden_layers=1)),
+                                            intermediate_size=16, **dict(COMMON, num_hidden_layers=1)),
                               tmp_path / "mixtral6")
     with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the expert-parallel size 4 .*"
                                          r"valid tensor_parallel_size values with enable_expert_parallel: 1, 2$"):
@@ -221,7 +199,7 @@ def test_uneven_experts_and_slices_are_value_errors(monkeypatch, tmp_path):
                    enable_expert_parallel=True).create_engine_config()
     qwen = save_tiny_model(Qwen2MoeConfig(vocab_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=10,
                                           shared_expert_intermediate_size=8, intermediate_size=40,
-                                          **dict(_COMMON, num_hidden_layers=1)), tmp_path / "qwen2moe")
+                                          **dict(COMMON, num_hidden_layers=1)), tmp_path / "qwen2moe")
     with pytest.raises(ValueError, match=r"moe_intermediate_size=10 is not divisible by tensor_parallel_size=4 .*"
                                          r"valid sizes: 1, 2; or enable_expert_parallel"):
         EngineArgs(model=qwen, skip_tokenizer_init=True, tensor_parallel_size=4).create_engine_config()

@@ -31,15 +31,6 @@ def checkpoints(tmp_path_factory):
     return {name: build(name, root) for name in {m for m, _ in CASES}}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray  # a required dependency: if it is broken the tests fail, they are not skipped
-    from dist_infer.executor.ray_cluster import start_private
-
-    start_private(num_cpus=8)
-    yield ray
-    ray.shutdown()
-
 
 def _check(checkpoints, model, layout, backend):
     path, reference = checkpoints[model]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import save_tiny_model, tiny_llama_config
 from dist_infer import LLM, RequestFailedError, SamplingParams
-from parallel_helpers import arm_step_failure, hang_in_step, pid_alive, wait_until
+from parallel_helpers import arm_step_failure, finish_after_fault, hang_in_step, pid_alive, wait_until
 
 STEP_TIMEOUT_S = 6.0  # a replica silent this long is hung (the healthy one keeps finishing steps meanwhile)
 BOUND_S = 90
@@ -93,13 +93,7 @@ def test_a_failed_replica_loses_no_request_and_is_rebuilt(llm, reference, fault)
     held = engine.replicas.replicas[1].core.scheduler.num_unfinished
     assert held > 0 and not finished, "replica 1 must hold requests in mid-generation when the fault lands"
     FAULTS[fault](llm, engine.executor.layout.rank(1, 0, 1))  # replica 1's tensor-parallel rank 1
-    start = time.monotonic()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            assert out.error is None, out.error
-            if out.finished:
-                finished[out.request_id] = out
-        assert time.monotonic() - start < BOUND_S, "requests did not finish after the fault"
+    finish_after_fault(engine, finished, BOUND_S)
     # Nothing lost, nothing repeated, nothing changed: greedy and seeded outputs as undisturbed.
     assert [finished[f"{fault}-{i}"].outputs[0].token_ids for i in range(8)] == reference
     assert replica.events.failures == failures_before + 1
