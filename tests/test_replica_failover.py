@@ -79,9 +79,12 @@ FAULTS = {
 
 # A raise travels the same way under both backends; a death and a hang each look different to mp and Ray.
 @pytest.mark.parametrize("llm,fault", [("mp", "sigkill"), ("mp", "hang"), ("mp", "raise"), ("ray", "sigkill"),
-                                       ("ray", "hang")], indirect=["llm"])
+                                       ("ray", "hang")], indirect=["llm"], scope="module")
 def test_a_failed_replica_loses_no_request_and_is_rebuilt(llm, reference, fault):
     engine = llm.engine
+    # The engine is shared by the module's tests: an earlier one may have left a replica being rebuilt.
+    assert wait_until(lambda: engine.step() == [] and engine.replica_states() == {0: "serving", 1: "serving"},
+                      timeout=BOUND_S)
     replica = engine.replicas.replicas[1]
     failures_before, old_pids = replica.events.failures, _pids(llm, 1)
     prompts, params = _workload()
@@ -127,7 +130,7 @@ def test_past_the_migration_limit_a_request_ends_with_an_error(tiny_path):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("llm", ["mp"], indirect=True)  # the engine's wait, not the backend, is under test
+@pytest.mark.parametrize("llm", ["mp"], indirect=True, scope="module")  # the engine's wait, not the backend, is under test
 def test_a_hung_replica_is_found_while_another_keeps_finishing_steps(llm):
     """Replica 0 keeps finishing steps the whole time; replica 1's oldest step ages past the step timeout and
     replica 1 fails then (a wait that restarted whenever any replica returned would never notice)."""
