@@ -25,13 +25,6 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
-def test_default_model_answers_the_readme_question(default_model_path):
-    result = _run("generate", "What is the capital of France?")
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-
-
-@pytest.mark.slow
 def test_stream_prints_the_same_text(tiny_llama_with_tokenizer):
     args = ["generate", "--model", tiny_llama_with_tokenizer, "--no-chat", "--max-tokens", "12",
             "--kv-cache-memory", str(1 << 22), "Tell me"]

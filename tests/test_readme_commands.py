@@ -54,6 +54,8 @@ def test_readme_command_runs_as_written(argv, run_command):
     result = run_command(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), result.stderr[-3000:]
+    if argv[-1] == "What is the capital of France?":  # the set-up command's question has one right answer
+        assert "Paris" in result.stdout, result.stdout
 
 
 @pytest.mark.slow
