@@ -82,8 +82,7 @@ def main() -> None:
         for row in saved["rows"].values():  # JSON keys are strings
             row["tok_s"] = {int(b): v for b, v in row["tok_s"].items()}
         saved["meta"]["hf_tok_s"] = {int(b): v for b, v in saved["meta"]["hf_tok_s"].items()}
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(render(saved["rows"], saved["meta"], args))
+        write_table(args.out, render(saved["rows"], saved["meta"], args))
         return
     unknown = set(args.methods) - {m.name for m in METHODS}
     if unknown:
@@ -143,12 +142,24 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "machine": machine(), "ppl_tokens": args.ppl_tokens,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "batch_sizes": args.batch_sizes,
             "hf_tok_s": speeds["HF generate (fp32)"]}
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(render(rows, meta, args))
+    write_table(args.out, render(rows, meta, args))
     print(f"table written to {args.out}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def write_table(path: str, table: str) -> None:
+    """The table, keeping the section ``bench_distill.py`` writes below it."""
+    from bench_distill import BEGIN
+
+    kept = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        kept = "\n" + text[text.index(BEGIN):] if BEGIN in text else ""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(table + kept)
 
 
 def agreement(reference: list[list[int]], tokens: list[list[int]]) -> tuple[float, int]:

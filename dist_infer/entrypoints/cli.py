@@ -3,6 +3,7 @@
     dist-infer generate "What is the capital of France?"      answer from the embedded default model
     dist-infer generate --stream --temperature 0.7 PROMPT...   sampled, printed as tokens arrive
     dist-infer convert SRC.gguf DEST/                          a GGUF file as a Hugging Face folder
+    dist-infer distill OUT/ --student SMALL/                   train SMALL on the teacher's (--model) logprobs
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structured: keep every shape valid for this tensor-parallel size")
     prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    from dist_infer.entrypoints.distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
+
     conv = sub.add_parser("convert", help="convert a Llama-family GGUF file into a Hugging Face folder")
     conv.add_argument("src", metavar="SRC.gguf")
     conv.add_argument("dest", metavar="DEST")
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         commands = {"generate": _generate, "convert": _convert, "serve": _serve, "batch": _batch,
-                    "eval-ppl": _eval_ppl, "quantize": _quantize, "prune": _prune}
+                    "eval-ppl": _eval_ppl, "quantize": _quantize, "prune": _prune, "distill": _distill}
         if args.command in commands:
             return commands[args.command](args)
         parser.error(f"unknown command {args.command}")
@@ -341,6 +346,12 @@ def _prune(args) -> int:
                  f"{summary['intermediate_before']}->{summary['intermediate_after']}")
     print(f"{line}; written to {args.out}")
     return 0
+
+
+def _distill(args) -> int:
+    from dist_infer.entrypoints.distill_cli import run_distill
+
+    return run_distill(args)
 
 
 def _convert(args) -> int:
