@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -89,3 +90,19 @@ def ray_session():
     start_private(num_cpus=8)
     yield ray
     ray.shutdown()
+
+
+# Modules that start, join or stop a Ray cluster: they run one after another on one xdist worker, since
+# `ray stop --force` (the launch-script and Ray-job tests) ends every Ray cluster on the machine.
+_RAY_USE = re.compile(r"import ray|ray_session|start_private|[\"']ray[\"']|executor ray|ray_start|ray_job|ray stop")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups the tests for ``--dist loadgroup``: a module's tests together, and every Ray module in one group."""
+    groups: dict[str, str] = {}
+    for item in items:
+        path = str(item.path)
+        if path not in groups:
+            text = item.path.read_text() if item.path.suffix == ".py" else ""
+            groups[path] = "ray" if _RAY_USE.search(text) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(groups[path]))
