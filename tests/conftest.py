@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -92,17 +91,37 @@ def ray_session():
     ray.shutdown()
 
 
-# Modules that start, join or stop a Ray cluster: they run one after another on one xdist worker, since
-# `ray stop --force` (the launch-script and Ray-job tests) ends every Ray cluster on the machine.
-_RAY_USE = re.compile(r"import ray|ray_session|start_private|[\"']ray[\"']|executor ray|ray_start|ray_job|ray stop")
+# Modules that start a Ray head on the machine's address (port 6379, dashboard 8265) or look at every Ray process
+# on it run one after another on one xdist worker; private Ray instances (loopback, random ports) run anywhere.
+_RAY_HEAD_MODULES = {"test_batch_and_ray_jobs", "test_launch_scripts", "test_ray_private", "test_ray_multinode",
+                     "test_two_hosts"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Groups the tests for ``--dist loadgroup``: a module's tests together, and every Ray module in one group."""
-    groups: dict[str, str] = {}
+    """Groups the tests for ``--dist loadgroup``: a module's tests stay together on one worker (so its
+    module-scoped engines and servers are shared as written), and the Ray-head modules share one group."""
     for item in items:
-        path = str(item.path)
-        if path not in groups:
-            text = item.path.read_text() if item.path.suffix == ".py" else ""
-            groups[path] = "ray" if _RAY_USE.search(text) else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(groups[path]))
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray-head" if stem in _RAY_HEAD_MODULES else stem))
+
+
+def stop_ray_head(port: int = 6379) -> None:
+    """Ends the Ray cluster a launch script started on ``port`` and nothing else (``ray stop`` would end every Ray
+    instance on the machine, another test's private one included): its processes name the head's GCS port."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if proc.pid != os.getpid() and any(a.endswith((f":{port}", f"={port}")) for a in args):
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
