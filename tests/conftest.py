@@ -89,3 +89,39 @@ def ray_session():
     start_private(num_cpus=8)
     yield ray
     ray.shutdown()
+
+
+# Modules that start a Ray head on the machine's address (port 6379, dashboard 8265) or look at every Ray process
+# on it run one after another on one xdist worker; private Ray instances (loopback, random ports) run anywhere.
+_RAY_HEAD_MODULES = {"test_batch_and_ray_jobs", "test_launch_scripts", "test_ray_private", "test_ray_multinode",
+                     "test_two_hosts"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Groups the tests for ``--dist loadgroup``: a module's tests stay together on one worker (so its
+    module-scoped engines and servers are shared as written), and the Ray-head modules share one group."""
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray-head" if stem in _RAY_HEAD_MODULES else stem))
+
+
+def stop_ray_head(port: int = 6379) -> None:
+    """Ends the Ray cluster a launch script started on ``port`` and nothing else (``ray stop`` would end every Ray
+    instance on the machine, another test's private one included): its processes name the head's GCS port."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if proc.pid != os.getpid() and any(a.endswith((f":{port}", f"={port}")) for a in args):
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)

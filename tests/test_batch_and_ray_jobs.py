@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import stop_ray_head
 from prometheus_client.parser import text_string_to_metric_families
 
 from server_helpers import ServerProcess
@@ -99,7 +101,7 @@ def ray_head():
                              text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     yield "http://127.0.0.1:8265"
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    stop_ray_head()
 
 
 _SUBMIT = """

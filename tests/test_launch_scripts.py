@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_ray_head
+
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 
 
@@ -40,7 +42,7 @@ def test_ray_head_and_job_submission(default_model_path, tmp_path):
         assert "Paris" in job.stdout
         assert "succeeded" in job.stdout + job.stderr
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        stop_ray_head()
 
 
 @pytest.mark.slow
