@@ -20,7 +20,9 @@ def _run(args, timeout=600):
 def test_torchrun_tp2_matches_hf(tiny_llama_with_tokenizer):
     prompt = "The history of computing"
     expected = hf_greedy_text(tiny_llama_with_tokenizer, prompt, 12)
-    result = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dist_infer.launch",
+    # --standalone: a free rendezvous port, so a torchrun of another test module running beside this one can't clash
+    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "dist_infer.launch",
                    "generate", "--model", tiny_llama_with_tokenizer, "--no-chat", "--tp", "2", "--max-tokens", "12",
                    "--kv-cache-memory", str(1 << 22), prompt])
     assert result.returncode == 0, result.stderr[-2000:]
