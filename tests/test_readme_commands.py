@@ -16,13 +16,15 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_commands() -> list[list[str]]:
-    """``dist-infer generate`` and ``torchrun`` commands in the README's bash blocks, each as argv. Commands
+    """``dist-infer generate`` commands (also under ``torchrun``) in the README's bash blocks, each as argv. Commands
     on a model the reader supplies (``--model PATH``) are left out: there is no such path here."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
-                if part.strip().startswith(("dist-infer generate", "torchrun")):
+                command = part.strip()
+                if command.startswith("dist-infer generate") or (command.startswith("torchrun")
+                                                                  and " generate " in command):
                     argv = shlex.split(part, comments=True)
                     if "--model" not in argv:
                         commands.append(argv)

@@ -4,7 +4,6 @@ teacher's tokenizer, and a held-out split that training never sees."""
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
 
@@ -34,18 +33,13 @@ def load_texts(sources: list[str], text_field: str = "text", max_texts: int | No
 
 
 def _jsonl_texts(path: str, text_field: str) -> list[str]:
+    from dist_infer.jsonl import read_jsonl
+
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string {text_field!r} field")
-            texts.append(record[text_field])
+    for number, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{path}:{number}: expected an object with a string {text_field!r} field")
+        texts.append(record[text_field])
     return texts
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from dist_infer.engine.async_llm_engine import AsyncLLMEngine
 from dist_infer.entrypoints.openai.errors import OpenAIError, validation_error
 from dist_infer.entrypoints.openai.metrics import ServerMetrics
+from dist_infer.jsonl import read_jsonl
 from dist_infer.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from dist_infer.entrypoints.openai.serving import OpenAIServing
 
@@ -29,24 +30,17 @@ _ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": 
 def read_requests(path: str) -> list[dict]:
     """The input's request lines; a ValueError naming the line for anything malformed or duplicated."""
     requests, seen = [], set()
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
-                raise ValueError(f"{path}:{number}: each line needs a non-empty string custom_id")
-            if item["custom_id"] in seen:
-                raise ValueError(f"{path}:{number}: custom_id {item['custom_id']!r} appears twice")
-            if item.get("url") not in _ENDPOINTS:
-                raise ValueError(f"{path}:{number}: url must be one of {', '.join(_ENDPOINTS)}, got {item.get('url')!r}")
-            if item.get("method", "POST") != "POST" or not isinstance(item.get("body"), dict):
-                raise ValueError(f"{path}:{number}: needs method POST and a JSON object body")
-            seen.add(item["custom_id"])
-            requests.append(item)
+    for number, item in read_jsonl(path):
+        if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
+            raise ValueError(f"{path}:{number}: each line needs a non-empty string custom_id")
+        if item["custom_id"] in seen:
+            raise ValueError(f"{path}:{number}: custom_id {item['custom_id']!r} appears twice")
+        if item.get("url") not in _ENDPOINTS:
+            raise ValueError(f"{path}:{number}: url must be one of {', '.join(_ENDPOINTS)}, got {item.get('url')!r}")
+        if item.get("method", "POST") != "POST" or not isinstance(item.get("body"), dict):
+            raise ValueError(f"{path}:{number}: needs method POST and a JSON object body")
+        seen.add(item["custom_id"])
+        requests.append(item)
     return requests
 
 
