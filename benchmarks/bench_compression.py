@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Method:
     name: str
     engine: dict = field(default_factory=dict)  # LLM keyword arguments on top of the base model in fp32
-    prune: tuple | None = None  # (method, sparsity) for prune_checkpoint
+    prune: tuple | None = None  # (method, sparsity[, score]) for prune_checkpoint
     quantize: tuple | None = None  # (method, group size, algorithm) for quantize_checkpoint
     note: str = ""
 
@@ -58,8 +58,11 @@ METHODS = [
     Method("int4-g32 (GGUF)", {"model": None, "quantization": "int4", "quantization_group_size": 32},
            note="the GGUF's Q4_1 blocks loaded as they are (no fp32 round trip)"),
     Method("KV int8", {"kv_cache_dtype": "int8"}, note="fp32 weights; int8 KV with a scale per block and head"),
-    Method("50% unstructured", prune=("unstructured", 0.5), note="magnitude, per layer; dense kernels"),
-    Method("2:4", prune=("2:4", 0.5), note="2 of every 4 inputs kept; dense kernels (masks) on the CPU"),
+    Method("50% unstructured", prune=("unstructured", 0.5, "magnitude"), note="magnitude, per layer; dense kernels"),
+    Method("2:4", prune=("2:4", 0.5, "magnitude"), note="2 of every 4 inputs kept; dense kernels (masks) on the CPU"),
+    Method("50% Wanda", prune=("unstructured", 0.5, "wanda"),
+           note="|w| x input-channel norm, per output row, calibrated block by block; dense kernels"),
+    Method("2:4 Wanda", prune=("2:4", 0.5, "wanda"), note="2 of every 4 kept by Wanda score; dense kernels"),
     Method("structured 25%", prune=("structured", 0.25),
            note="KV groups and MLP channels ranked on calibration text"),
 ]
@@ -106,9 +109,10 @@ def main() -> None:
         kwargs = {"model": base, "dtype": "float32", **method.engine}
         summary = {}
         if method.prune is not None:
-            kind, sparsity = method.prune
-            kwargs["model"] = os.path.join(workdir, kind.replace(":", "_"))
-            summary = prune_checkpoint(base, kwargs["model"], kind, sparsity, show_progress=False)
+            kind, sparsity, *score = method.prune
+            kwargs["model"] = os.path.join(workdir, "_".join([kind.replace(":", "_"), *score]))
+            summary = prune_checkpoint(base, kwargs["model"], kind, sparsity, show_progress=False,
+                                       **({"score": score[0]} if score else {}))
         if method.quantize is not None:
             kind, group_size, algorithm = method.quantize
             kwargs["model"] = os.path.join(workdir, f"{kind}_g{group_size}_{algorithm}")

@@ -52,7 +52,8 @@ def gqa_path(tmp_path_factory, tiny_llama_with_tokenizer):
 
 
 def test_unstructured_reaches_exact_sparsity_and_leaves_the_rest(tiny_path, tmp_path):
-    summary = prune_checkpoint(tiny_path, str(tmp_path / "out"), "unstructured", sparsity=0.3, show_progress=False)
+    summary = prune_checkpoint(tiny_path, str(tmp_path / "out"), "unstructured", sparsity=0.3, show_progress=False,
+                               score="magnitude")
     before, after = _weights(tiny_path), _weights(tmp_path / "out")
     assert before.keys() == after.keys()
     pruned = [name for name in after if _is_pruned(name)]
@@ -71,7 +72,8 @@ def test_unstructured_reaches_exact_sparsity_and_leaves_the_rest(tiny_path, tmp_
 
 def test_two_four_keeps_the_two_largest_of_every_four(tiny_path, tmp_path):
     with pytest.warns(UserWarning, match="sparsity=0.3 is ignored"):
-        summary = prune_checkpoint(tiny_path, str(tmp_path / "out"), "2:4", sparsity=0.3, show_progress=False)
+        summary = prune_checkpoint(tiny_path, str(tmp_path / "out"), "2:4", sparsity=0.3, show_progress=False,
+                                   score="magnitude")
     before, after = _weights(tiny_path), _weights(tmp_path / "out")
     for name in filter(_is_pruned, after):
         w, w0 = after[name], before[name]
@@ -183,7 +185,7 @@ def _assert_greedy_parity(path, prompts, new_tokens=12):
 @pytest.mark.parametrize("method", ["unstructured", "2:4"])
 def test_masked_checkpoint_round_trips_through_dist_infer(tiny_path, tmp_path, method):
     dest = str(tmp_path / "out")
-    prune_checkpoint(tiny_path, dest, method, sparsity=0.5, show_progress=False)
+    prune_checkpoint(tiny_path, dest, method, sparsity=0.5, show_progress=False, score="magnitude")
     _assert_greedy_parity(dest, [[5, 17, 3, 99], list(range(40, 71))])
 
 
@@ -205,7 +207,8 @@ def test_structured_qwen2_with_biases_round_trips_through_dist_infer(tmp_path, t
 def test_half_precision_checkpoint_keeps_its_dtype(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32).to(torch.bfloat16)
     model.save_pretrained(str(tmp_path / "src"))
-    prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), "unstructured", show_progress=False)
+    prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), "unstructured", show_progress=False,
+                     score="magnitude")
     assert _config(tmp_path / "out")["dtype"] == "bfloat16"
     assert {w.dtype for w in _weights(tmp_path / "out").values()} == {torch.bfloat16}
 
@@ -220,3 +223,7 @@ def test_invalid_arguments_raise(tiny_path, tmp_path):
         prune_checkpoint(str(tmp_path / "missing"), str(tmp_path / "out"), "unstructured")
     with pytest.raises(ValueError, match="dest must differ"):
         prune_checkpoint(tiny_path, tiny_path, "unstructured")
+    with pytest.raises(ValueError, match="unknown pruning score 'random'.*wanda, magnitude"):
+        prune_checkpoint(tiny_path, str(tmp_path / "out"), "unstructured", score="random")
+    with pytest.raises(ValueError, match="Wanda pruning measures activations on text and needs the tokenizer"):
+        prune_checkpoint(tiny_path, str(tmp_path / "out"), "unstructured")  # no tokenizer files in tiny_path

@@ -3,14 +3,26 @@
 Only the decoder blocks' linear layers are touched (``q/k/v/o_proj``, ``gate/up/down_proj``; weights are
 ``[out_features, in_features]``); embeddings, norms and ``lm_head`` never are.
 
-* ``unstructured``: per layer, zero the ``round(sparsity * numel)`` weights of smallest ``|w|``.
-* ``2:4``: in every run of 4 consecutive weights of a row (along the input dimension) keep the 2 largest ``|w|``.
+* ``unstructured``: zero a ``sparsity`` fraction of each layer's weights, those of lowest score.
+* ``2:4``: in every run of 4 consecutive weights of a row (along the input dimension) keep the 2 of highest score.
   Always exactly 50 %: the ``sparsity`` argument does not apply and is ignored.
 * ``structured``: remove whole KV groups (one KV head plus the ``num_heads / num_kv_heads`` query heads that
   share it) and whole MLP channels, giving smaller dense matrices and an updated config. The same number is
-  removed in every layer (the config stays uniform), chosen per layer by importance measured on calibration text.
+  removed in every layer (the config stays uniform), chosen per layer by ``||X_c||_2 * ||W[:, c]||_2`` measured on
+  calibration text (``activation_stats``).
+
+Scores for the two masking methods:
+
+* ``wanda`` (default, ``wanda.py``): ``|W_ij| * ||X_j||_2`` with the input-channel norms measured block by block on
+  calibration text, compared within each output row (unstructured drops ``round(sparsity * in)`` per row);
+* ``magnitude``: ``|W_ij|``, no text needed; unstructured drops exactly ``round(sparsity * numel)`` per layer.
+
+Measured on SmolLM2-135M (``dist-infer eval-ppl``, 4096 tokens; fp32 15.17), calibrating on the pinned corpus's
+256 passages (~10k tokens): 50 % unstructured magnitude 410, Wanda 26.7; 2:4 magnitude 1834, Wanda 73.9;
+structured 25 % 81.8 (96.7 when channels were scored by ``mean |x_c|`` instead of ``||X_c||_2``).
 
 The two masking methods write dense weights with zeros; exploiting the zeros at run time is not done here.
+Removing whole decoder blocks is ``layer_drop.py``.
 """
 
 from __future__ import annotations
@@ -24,24 +36,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dist_infer.compression.activation_stats import PROJECTIONS, input_norms
 from dist_infer.compression.calibration import calibration_batches, transformers_progress
+from dist_infer.compression.masks import check_two_four, magnitude_mask, two_four_mask
 from dist_infer.compression.side_files import copy_side_files
+from dist_infer.compression.wanda import prune_wanda
 
 PRUNING_METHODS = ("unstructured", "2:4", "structured")
-PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+SCORES = ("wanda", "magnitude")
 CHANNEL_ALIGNMENT = 8  # remaining MLP channels per tensor-parallel rank, when the size allows
 
 
 def prune_checkpoint(src: str, dest: str, method: str, sparsity: float = 0.5,
                      tensor_parallel_size: int = 1, calibration_texts: list[str] | None = None,
-                     show_progress: bool = True) -> dict:
+                     show_progress: bool = True, score: str = "wanda") -> dict:
     """Prune the Hugging Face folder ``src`` with ``method`` and write a complete Hugging Face folder to ``dest``.
+
+    ``score`` (``unstructured`` and ``2:4`` only): ``wanda`` (``|W_ij| * ||X_j||_2`` compared per output row,
+    calibrated on ``calibration_texts``, default the pinned corpus) or ``magnitude`` (``|W_ij|``, per layer, no text).
 
     Returns a summary: ``method``, ``sparsity`` (requested; 0.5 for 2:4), ``achieved_sparsity`` (fraction of the
     original block-linear weights that are now zero or removed), ``pruned_linears`` (layers touched), and for
     ``structured`` the sizes ``{heads,kv_heads,intermediate}_{before,after}``.
     """
     _validate(src, dest, method, sparsity, tensor_parallel_size)
+    if score not in SCORES:
+        raise ValueError(f"unknown pruning score {score!r}; valid scores: {', '.join(SCORES)}")
     if method == "2:4" and sparsity != 0.5:
         warnings.warn(f"2:4 pruning always removes exactly half of the weights; sparsity={sparsity} is ignored")
     sparsity = 0.5 if method == "2:4" else sparsity
@@ -56,7 +76,8 @@ def prune_checkpoint(src: str, dest: str, method: str, sparsity: float = 0.5,
             summary.update(_prune_structured(model, layers, src, sparsity, tensor_parallel_size,
                                              calibration_texts, show_progress))
         else:
-            _prune_masked(layers, method, sparsity, show_progress)
+            summary["score"] = score
+            _prune_masked(model, layers, src, method, sparsity, score, calibration_texts, show_progress)
         linears = _block_linears(layers)
         remaining = sum(int(torch.count_nonzero(linear.weight)) for _, linear in linears)
         summary.update(achieved_sparsity=1.0 - remaining / before, pruned_linears=len(linears), dest=str(dest))
@@ -71,6 +92,11 @@ def _validate(src: str, dest: str, method: str, sparsity: float, tp: int) -> Non
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    validate_paths(src, dest)
+
+
+def validate_paths(src: str, dest: str) -> None:
+    """``src`` must be a Hugging Face folder, and ``dest`` another place (the source is read while writing)."""
     if not os.path.isfile(os.path.join(str(src), "config.json")):
         raise ValueError(f"source checkpoint not found: {src} (expected a Hugging Face folder with config.json)")
     if os.path.exists(dest) and os.path.realpath(dest) == os.path.realpath(src):
@@ -92,36 +118,15 @@ def _block_linears(layers: list[nn.Module]) -> list[tuple[str, nn.Linear]]:
             for i, layer in enumerate(layers) for part, names in PROJECTIONS.items() for n in names]
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask (bool, ``weight``'s shape) dropping exactly ``round(sparsity * numel)`` weights of least ``|w|``.
-
-    ``topk`` over the flattened magnitudes (rather than a threshold) gives the exact count even with ties.
-    """
-    k = round(sparsity * weight.numel())
-    keep = torch.ones(weight.numel(), dtype=torch.bool)
-    if k:
-        keep[torch.topk(weight.abs().flatten(), k, largest=False).indices] = False
-    return keep.view_as(weight)
-
-
-def _check_two_four(name: str, in_features: int) -> None:
-    if in_features % 4:
-        raise ValueError(f"2:4 pruning needs the input dimension of {name} to be divisible by 4, got {in_features}")
-
-
-def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
-    """Keep-mask for 2:4 sparsity: ``weight [out, in]`` viewed as ``[out, in/4, 4]``, keep the top-2 ``|w|`` of 4."""
-    out_features, in_features = weight.shape
-    _check_two_four("weight", in_features)
-    groups = weight.abs().reshape(out_features, in_features // 4, 4)
-    keep = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
-    return keep.view(out_features, in_features)
-
-
-def _prune_masked(layers: list[nn.Module], method: str, sparsity: float, show_progress: bool) -> None:
+def _prune_masked(model, layers: list[nn.Module], src: str, method: str, sparsity: float, score: str,
+                  texts: list[str] | None, show_progress: bool) -> None:
     linears = _block_linears(layers)
     for name, linear in linears if method == "2:4" else ():  # every shape first: fail before any work is done
-        _check_two_four(name, linear.in_features)
+        check_two_four(name, linear.in_features)
+    if score == "wanda":
+        batches = calibration_batches(src, texts, model.config.vocab_size, "Wanda pruning")
+        prune_wanda(model, layers, batches, method, sparsity, show_progress)
+        return
     for _, linear in tqdm(linears, desc=f"pruning ({method})", disable=not show_progress, leave=False):
         w = linear.weight
         w.mul_(magnitude_mask(w, sparsity) if method == "unstructured" else two_four_mask(w))
@@ -175,34 +180,21 @@ def measure_importance(model, layers: list[nn.Module], batches: list[torch.Tenso
                        show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every KV group ``[L, num_kv_heads]`` and MLP channel ``[L, intermediate]``.
 
-    Channel ``c`` of a projection's input scores ``mean_tokens |x_c| * ||W[:, c]||_2`` (how much output it
-    carries). A KV group scores the sum over its query heads' slice of ``o_proj``'s input (``G * head_dim``
-    channels, ``G = num_heads / num_kv_heads``); an MLP channel is one input channel of ``down_proj``.
+    Channel ``c`` of a projection's input scores ``||X_c||_2 * ||W[:, c]||_2`` (how much output it carries; the
+    same activation statistic as Wanda, ``activation_stats.input_norms``). A KV group scores the sum over its query
+    heads' slice of ``o_proj``'s input (``G * head_dim`` channels, ``G = num_heads / num_kv_heads``); an MLP channel
+    is one input channel of ``down_proj``.
     """
-    sums = {}  # module -> running sum of |input| per channel (float64: many tokens)
-    handles = []
+    norms = input_norms(model, layers, batches, show_progress)
 
-    def accumulate(module, args):
-        x = args[0].detach()
-        sums[module] = sums.get(module, 0) + x.abs().reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+    def score(layer, layer_norms, key):
+        return layer_norms[key] * layer.get_submodule(key).weight.double().norm(dim=0)
 
-    for layer in layers:
-        handles += [layer.self_attn.o_proj.register_forward_pre_hook(accumulate),
-                    layer.mlp.down_proj.register_forward_pre_hook(accumulate)]
-    try:
-        for ids in tqdm(batches, desc="calibrating", disable=not show_progress, leave=False):
-            model.model(input_ids=ids, use_cache=False)  # the decoder alone: lm_head plays no part
-    finally:
-        for handle in handles:
-            handle.remove()
-    tokens = sum(b.numel() for b in batches)
-
-    def score(linear):
-        return (sums[linear] / tokens) * linear.weight.double().norm(dim=0)
-
-    heads = torch.stack([score(layer.self_attn.o_proj).reshape(num_kv_heads, -1).sum(-1) for layer in layers])
-    channels = torch.stack([score(layer.mlp.down_proj) for layer in layers])
-    return heads, channels
+    heads, channels = [], []
+    for layer, layer_norms in zip(layers, norms):
+        heads.append(score(layer, layer_norms, "self_attn.o_proj").reshape(num_kv_heads, -1).sum(-1))
+        channels.append(score(layer, layer_norms, "mlp.down_proj"))
+    return torch.stack(heads), torch.stack(channels)
 
 
 def _most_important(scores: torch.Tensor, keep: int) -> torch.Tensor:

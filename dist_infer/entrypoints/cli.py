@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of weights (unstructured) or of KV groups and MLP channels (structured)")
     prune.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                        help="structured: keep every shape valid for this tensor-parallel size")
+    prune.add_argument("--score", choices=["wanda", "magnitude"], default="wanda",
+                       help="unstructured/2:4: wanda (|weight| x input norm on built-in calibration text) or "
+                            "magnitude (|weight|)")
     prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     from dist_infer.entrypoints.distill_cli import add_distill_parser
@@ -338,8 +341,11 @@ def _prune(args) -> int:
     from dist_infer.compression.pruning import prune_checkpoint
     from dist_infer.model_loader.resolve import resolve_model_path
 
-    summary = prune_checkpoint(resolve_model_path(_model_arg(args.model_path)), args.out, args.method, args.sparsity, args.tp)
+    summary = prune_checkpoint(resolve_model_path(_model_arg(args.model_path)), args.out, args.method, args.sparsity,
+                               args.tp, score=args.score)
     line = f"{args.method} pruning: {summary['achieved_sparsity']:.1%} of the decoder-layer weights removed"
+    if "score" in summary:
+        line += f" by {summary['score']} score"
     if args.method == "structured":
         line += (f"; heads {summary['heads_before']}->{summary['heads_after']}, KV heads "
                  f"{summary['kv_heads_before']}->{summary['kv_heads_after']}, MLP channels "
