@@ -61,8 +61,19 @@ def run_step(step: dict) -> dict:
         with open(summary_file, encoding="utf-8") as f:
             summary = json.load(f)
         result.update(train_tokens=summary["tokens"], train_s=summary["train_seconds"], steps=summary["steps"],
-                      heldout=[summary["initial"], summary["final"]], dropped=summary.get("dropped_layers"))
+                      heldout=[summary["initial"], summary["final"]], dropped=summary.get("dropped_layers"),
+                      teacher_s=teacher_seconds(summary["teacher_cache"]))
     return result
+
+
+def teacher_seconds(cache: str) -> float | None:
+    """How long the teacher took to score the training text, as recorded in its cache file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(cache):
+        return None
+    with safe_open(cache, "pt") as f:
+        return float((f.metadata() or {}).get("teacher_seconds", "nan"))
 
 
 def main() -> None:
@@ -86,7 +97,7 @@ def main() -> None:
             results = json.load(f)
     else:
         results = measure(args, saved)
-    write_section(args.out, render(results))
+    write_section(args.out, render(results, args.workdir))
     print(f"section written to {args.out}")
 
 
@@ -120,7 +131,8 @@ def measure(args, saved: str) -> dict:
     return results
 
 
-def render(results: dict) -> str:
+def render(results: dict, workdir: str) -> str:
+    """The section; the commands name the work folder ``out/`` wherever it was."""
     rows, speeds = results["rows"], results["speeds"]
     fp32 = rows["fp32"]["perplexity"]
     bs = [str(b) for b in results["batch_sizes"]]
@@ -154,8 +166,21 @@ def render(results: dict) -> str:
     hf = speeds.get("HF generate (fp32)")
     if hf:
         lines.append("| *peer: HF `generate` fp32* | | | | | | " + speed("HF generate (fp32)") + " |")
-    lines += ["", "Commands (each step as run; `default` is the embedded model, also the teacher):", ""]
-    lines += [f"- {name}: `{row['command']}`" for name, row in rows.items() if row.get("command")]
+    lines += ["", "Notes:", "",
+              "- The table above predates activation-aware pruning: its magnitude rows are still what `--score "
+              "magnitude` gives, but its structured 25% row (96.7) ranked channels by mean |x| × ‖W[:, c]‖; this "
+              "section's structured row ranks by ‖X_c‖₂ × ‖W[:, c]‖₂ (the norms Wanda uses), the current method.",
+              "- Recovered: the share of the perplexity lost to pruning (start → fp32) that distillation won back.",
+              "- Training: forward KL over the teacher's top 20 (+ the rest as one outcome), AdamW with cosine "
+              "decay, bf16 autocast, windows of 512 tokens; the wall time is the training loop's, the teacher's "
+              "one-off scoring of the text (cached for every later student) is not included.",
+              "", "Commands (each step as run; `default` is the embedded model, also the teacher):", ""]
+    lines += [f"- {name}: `{row['command'].replace(workdir.rstrip('/') + '/', 'out/')}`"
+              for name, row in rows.items() if row.get("command")]
+    teacher = next((r["teacher_s"] for r in rows.values() if r.get("teacher_s")), None)
+    if teacher:
+        lines.append(f"- The teacher scored the training text once, in {teacher / 60:.0f} min (both students read "
+                     f"the same cache).")
     dropped = next((r.get("dropped") for r in rows.values() if r.get("dropped")), None)
     if dropped:
         lines.append(f"- Blocks dropped (lowest block influence on calibration text): {dropped}.")

@@ -202,6 +202,25 @@ def test_the_student_folder_loads_in_transformers_and_dist_infer(unbroken):
     assert out[0].outputs[0].token_ids == expected
 
 
+def test_the_command_distills_a_layer_dropped_copy_of_the_teacher(models, capsys):
+    """``dist-infer distill OUT --drop-layers 1``: the student is the teacher less its block of least influence."""
+    from dist_infer.entrypoints.cli import main
+
+    teacher, _, root = models
+    out = root / "dropped"
+    code = main(["distill", str(out), "--drop-layers", "1", "--teacher", teacher, "--dtype", "float32",
+                 "--data", "calibration", "--max-texts", str(TEXTS), "--seq-len", str(SEQ_LEN), "--max-steps", "2",
+                 "--batch-size", "2", "--grad-accumulation", "1", "--cache-dir", str(root / "cache")])
+    assert code == 0
+    assert "held-out KL" in capsys.readouterr().out
+    with open(out / "distill_summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert len(summary["dropped_layers"]) == 1 and summary["dropped_layers"][0] != 3  # the last block stays
+    student = AutoModelForCausalLM.from_pretrained(str(out))
+    assert student.config.num_hidden_layers == 3
+    assert os.path.isfile(out / "tokenizer.json")
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
     (dict(drop_layers=0.25), "exactly one of student"),

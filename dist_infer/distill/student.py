@@ -11,7 +11,9 @@ import torch
 
 def resolve_drop_count(drop_layers: float, num_layers: int) -> int:
     """A count (an integer >= 1) or a fraction of ``num_layers`` (rounded), leaving at least one block."""
-    count = int(drop_layers) if drop_layers >= 1 else round(drop_layers * num_layers)
+    from dist_infer.compression.layer_drop import layers_to_drop
+
+    count = int(drop_layers) if drop_layers >= 1 else layers_to_drop(drop_layers, num_layers)
     if not 1 <= count < num_layers:
         raise ValueError(f"drop_layers={drop_layers} would remove {count} of the teacher's {num_layers} blocks; "
                          f"remove at least 1 and keep at least 1")
