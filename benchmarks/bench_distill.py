@@ -34,7 +34,8 @@ def steps(args) -> list[dict]:
                              "--eval-every", "25", "--save-every", "25"]
     return [
         {"name": "50% unstructured, Wanda", "out": f"{w}/wanda50",
-         "cmd": ["prune", "default", f"{w}/wanda50", "--method", "unstructured", "--sparsity", "0.5", "--score", "wanda"]},
+         "cmd": ["prune", "default", f"{w}/wanda50", "--method", "unstructured", "--sparsity", "0.5",
+                 "--score", "wanda"]},
         {"name": "2:4, Wanda", "out": f"{w}/wanda24", "cmd": ["prune", "default", f"{w}/wanda24", "--method", "2:4",
                                                              "--score", "wanda"]},
         {"name": "structured 25%", "out": f"{w}/structured25",
@@ -169,7 +170,8 @@ def render(results: dict, workdir: str) -> str:
     lines += ["", "Notes:", "",
               "- The table above predates activation-aware pruning: its magnitude rows are still what `--score "
               "magnitude` gives, but its structured 25% row (96.7) ranked channels by mean |x| × ‖W[:, c]‖; this "
-              "section's structured row ranks by ‖X_c‖₂ × ‖W[:, c]‖₂ (the norms Wanda uses), the current method.",
+              "section's structured row ranks by ‖X_c‖₂ × ‖W[:, c]‖₂ (the norms Wanda uses), the current "
+              "method.",
               "- Recovered: the share of the perplexity lost to pruning (start → fp32) that distillation won back.",
               "- Training: forward KL over the teacher's top 20 (+ the rest as one outcome), AdamW with cosine "
               "decay, bf16 autocast, windows of 512 tokens; the wall time is the training loop's, the teacher's "

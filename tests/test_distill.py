@@ -178,8 +178,8 @@ def test_torchrun_trains_data_parallel_like_one_process_with_accumulation(unbrok
             "--dtype", "float32", "--data", "calibration", "--max-texts", str(TEXTS), "--seq-len", str(SEQ_LEN),
             "--batch-size", "2", "--grad-accumulation", "1", "--max-steps", "8", "--lr", "1e-2",
             "--warmup-ratio", "0.1", "--eval-every", "4", "--save-every", "4", "--cache-dir", str(root / "cache")]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "held-out KL" in run.stdout
     with open(out / "distill_summary.json", encoding="utf-8") as f:

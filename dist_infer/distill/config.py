@@ -69,7 +69,8 @@ class DistillConfig:
             raise ValueError(f"student not found: {self.student} (expected a Hugging Face folder with config.json)")
         if self.drop_layers and not (0 < self.drop_layers < 1 or float(self.drop_layers).is_integer()) \
                 or self.drop_layers < 0:
-            raise ValueError(f"drop_layers must be a block count >= 1 or a fraction in (0, 1), got {self.drop_layers!r}")
+            raise ValueError(f"drop_layers must be a block count >= 1 or a fraction in (0, 1), "
+                             f"got {self.drop_layers!r}")
         if not self.data:
             raise ValueError(f"data is empty: give {' or '.join(BUILTIN_DATA)} or .txt/.jsonl files")
         for item in self.data:
