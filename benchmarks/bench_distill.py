@@ -121,7 +121,9 @@ def measure(args, saved: str) -> dict:
         print(f"{name}: perplexity {ppl['perplexity']:.3f}", flush=True)
     speed_rows = ["fp32", "structured 25% + distillation", "25% of layers dropped + distillation"]
     engines = {name: LLM(model=rows[name]["out"], dtype="float32", kv_cache_memory=512 << 20) for name in speed_rows}
-    speeds = measure_speeds(engines, base, list(QUESTIONS[:16]), args, SamplingParams)
+    # batch sizes as strings, as they come back from results.json for --render
+    speeds = {name: {str(b): v for b, v in per.items()}
+              for name, per in measure_speeds(engines, base, list(QUESTIONS[:16]), args, SamplingParams).items()}
     for llm in engines.values():
         llm.shutdown()
     results = {"rows": rows, "speeds": speeds, "date": datetime.date.today().isoformat(), "machine": machine(),
@@ -143,7 +145,7 @@ def render(results: dict, workdir: str) -> str:
         if per is None:
             return " | ".join("" for _ in bs)
         base = speeds["fp32"]
-        return " | ".join(f"{per[b]:.1f} ({per[b] / base[b]:.2f}×)" for b in map(_key(per), bs))
+        return " | ".join(f"{per[b]:.1f} ({per[b] / base[b]:.2f}×)" for b in bs)
 
     lines = [BEGIN, "", "## Activation-aware pruning, then distillation", "",
              f"Produced by `python benchmarks/bench_distill.py` on {results['date']} ({results['machine']}). "
@@ -188,10 +190,6 @@ def render(results: dict, workdir: str) -> str:
         lines.append(f"- Blocks dropped (lowest block influence on calibration text): {dropped}.")
     lines += ["", END]
     return "\n".join(lines) + "\n"
-
-
-def _key(per: dict):
-    return (lambda b: b) if all(isinstance(k, str) for k in per) else int
 
 
 def write_section(path: str, section: str) -> None:

@@ -3,6 +3,7 @@ teacher's tokenizer, and a held-out split that training never sees."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -62,6 +63,7 @@ def split_heldout(num_windows: int, fraction: float, seed: int) -> tuple[torch.T
     return order[held:].sort().values, order[:held].sort().values
 
 
+@functools.lru_cache(maxsize=4)  # every micro-step of an epoch asks for the same order
 def epoch_order(num_windows: int, epoch: int, seed: int) -> torch.Tensor:
     """The training windows' order in ``epoch``: a function of (seed, epoch) only, so a resumed run sees the same
     batches as an unbroken one."""

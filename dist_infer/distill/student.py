@@ -3,30 +3,21 @@ teacher's tokenizer, loaded by transformers for training."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 
-def resolve_drop_count(drop_layers: float, num_layers: int) -> int:
-    """A count (an integer >= 1) or a fraction of ``num_layers`` (rounded), leaving at least one block."""
-    from dist_infer.compression.layer_drop import layers_to_drop
-
-    count = int(drop_layers) if drop_layers >= 1 else layers_to_drop(drop_layers, num_layers)
-    if not 1 <= count < num_layers:
-        raise ValueError(f"drop_layers={drop_layers} would remove {count} of the teacher's {num_layers} blocks; "
-                         f"remove at least 1 and keep at least 1")
-    return count
-
-
 def make_layer_dropped_student(teacher: str, dest: str, drop_layers: float, show_progress: bool) -> dict:
+    """``drop_layers``: a block count (an integer >= 1) or a fraction of the teacher's blocks; ``drop_layers``
+    (the compression function) checks the count against the model."""
     from transformers import AutoConfig
 
-    from dist_infer.compression.layer_drop import drop_layers as drop
+    from dist_infer.compression.layer_drop import drop_layers as drop, layers_to_drop
 
     num_layers = AutoConfig.from_pretrained(teacher).num_hidden_layers
-    return drop(teacher, dest, resolve_drop_count(drop_layers, num_layers), show_progress=show_progress)
+    count = int(drop_layers) if drop_layers >= 1 else layers_to_drop(drop_layers, num_layers)
+    return drop(teacher, dest, count, show_progress=show_progress)
 
 
 def check_tokenizers(teacher_tokenizer, student: str, student_vocab_size: int) -> None:
@@ -66,7 +57,3 @@ def bf16_supported(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def perplexity_from(nll_sum: float, tokens: int) -> float:
-    return math.exp(nll_sum / max(tokens, 1))

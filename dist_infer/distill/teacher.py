@@ -36,12 +36,12 @@ def teacher_folder(engine_args) -> str:
     return engine_args.create_engine_config().model_config.model
 
 
-def cache_path(engine_args, windows: torch.Tensor, top_k: int, cache_dir: str | None) -> Path:
+def cache_path(engine_args, folder: str, windows: torch.Tensor, top_k: int, cache_dir: str | None) -> Path:
     """Keyed by what changes the numbers: the teacher's files, dtype, quantization, KV-cache dtype, the windows
     and k; not by the layout, which must not change them."""
     from dist_infer.model_loader.cache_dir import cache_root
 
-    folder = Path(teacher_folder(engine_args)).resolve()
+    folder = Path(folder).resolve()  # teacher_folder(engine_args), resolved once by the caller
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
                    if p.suffix in (".safetensors", ".json", ".bin"))
     what = {"folder": str(folder), "files": files, "dtype": str(engine_args.dtype),
@@ -52,9 +52,9 @@ def cache_path(engine_args, windows: torch.Tensor, top_k: int, cache_dir: str | 
     return root / f"{folder.name}-k{top_k}-{key}.safetensors"
 
 
-def load_or_compute(engine_args, windows: torch.Tensor, top_k: int, cache_dir: str | None = None,
+def load_or_compute(engine_args, folder: str, windows: torch.Tensor, top_k: int, cache_dir: str | None = None,
                     show_progress: bool = True) -> tuple[TeacherTargets, Path]:
-    path = cache_path(engine_args, windows, top_k, cache_dir)
+    path = cache_path(engine_args, folder, windows, top_k, cache_dir)
     if path.is_file():
         return read_targets(path), path
     targets = compute_targets(engine_args, windows, top_k, show_progress)

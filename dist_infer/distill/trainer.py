@@ -31,8 +31,6 @@ class Callback:
 
     def on_step_end(self, step: int, metrics: dict) -> None: ...
 
-    def on_save(self, step: int, path: Path) -> None: ...
-
 
 def distill(teacher_args, config: DistillConfig, callbacks: list[Callback] = ()) -> dict:
     """Train ``config``'s student on the teacher run by the engine ``teacher_args`` (an ``EngineArgs``); write a
@@ -48,10 +46,10 @@ def distill(teacher_args, config: DistillConfig, callbacks: list[Callback] = ())
     train_idx, held_idx = data.split_heldout(len(windows), config.heldout_fraction, config.seed)
     student_src, dropped = _prepare_student(config, teacher_dir, rank, out)
     if rank == 0:
-        targets, cache = teacher_mod.load_or_compute(teacher_args, windows, config.top_k, config.cache_dir,
-                                                     config.show_progress)
+        targets, cache = teacher_mod.load_or_compute(teacher_args, teacher_dir, windows, config.top_k,
+                                                     config.cache_dir, config.show_progress)
     else:
-        cache = teacher_mod.cache_path(teacher_args, windows, config.top_k, config.cache_dir)
+        cache = teacher_mod.cache_path(teacher_args, teacher_dir, windows, config.top_k, config.cache_dir)
         targets = teacher_mod.wait_for(cache)
     device = _init_process_group(world)
     try:
@@ -132,7 +130,7 @@ def _train(config, tokenizer, windows, targets, train_idx, held_idx, teacher_dir
         if step % config.save_every == 0 or step == total:
             history["train_seconds"] += time.perf_counter() - started
             started, done_here = time.perf_counter(), 0
-            _save(config, model, optimizer, scheduler, step, history, rank, world, callbacks)
+            _save(config, model, optimizer, scheduler, step, history, rank, world)
     bar.close()
     summary = {"steps": total, "tokens": total * tokens_per_step, "train_seconds": round(history["train_seconds"], 1),
                "windows": {"train": len(train_idx), "heldout": len(held_idx), "seq_len": windows.shape[1]},
@@ -202,16 +200,13 @@ def _evaluate(model, windows, targets, held_idx, rank, world, device, autocast) 
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     kl_sum, nll_sum, count = sums.tolist()
-    return {"heldout_kl": kl_sum / count, "heldout_ppl": student_mod.perplexity_from(nll_sum, int(count))}
+    return {"heldout_kl": kl_sum / count, "heldout_ppl": math.exp(nll_sum / count)}
 
 
-def _save(config, model, optimizer, scheduler, step, history, rank, world, callbacks) -> None:
-    path = None
+def _save(config, model, optimizer, scheduler, step, history, rank, world) -> None:
     if rank == 0:
-        path = checkpoint.save_checkpoint(config.output_dir, model, optimizer, scheduler, step, history,
-                                          config.keep_checkpoints)
-        for callback in callbacks:
-            callback.on_save(step, path)
+        checkpoint.save_checkpoint(config.output_dir, model, optimizer, scheduler, step, history,
+                                   config.keep_checkpoints)
     if world > 1:
         torch.distributed.barrier()
 
