@@ -4,6 +4,10 @@
       nodes: 2
       gpus_per_node: 8
       cpus_per_node: 64
+      gpu: h100-sxm     # optional, for the planner: a device of dist_infer/planner/hardware.py (DEVICES)
+      gpu_memory_gb: 80 # optional: overrides the datasheet's memory per GPU (e.g. a MIG slice)
+      intra_node_gbps: 3600  # optional: GPU-to-GPU bandwidth per GPU and direction, gigabits/s (default: the GPU's)
+      inter_node_gbps: 400   # optional: network bandwidth per node and direction, gigabits/s
     engine:             # engine arguments, the same names as LLM(...) and the CLI flags
       tensor_parallel_size: 8
       pipeline_parallel_size: 2
@@ -30,7 +34,8 @@ import yaml
 from dist_infer.engine.arg_utils import EngineArgs
 from dist_infer.engine.autoscaling import AutoscalingConfig
 
-_CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int}
+_CLUSTER_KEYS = {"nodes": int, "gpus_per_node": int, "cpus_per_node": int, "gpu": str, "gpu_memory_gb": float,
+                 "intra_node_gbps": float, "inter_node_gbps": float}
 _SERVER_KEYS = {"host": str, "port": int, "max_waiting": int, "served_model_name": str, "max_request_bytes": int,
                 "ready_timeout": float, "api_key_file": str, "metrics_public": bool, "log_requests": bool,
                 "max_prompts_per_request": int, "request_timeout": float, "timeout_keep_alive": float,
@@ -65,6 +70,13 @@ def load_cluster_config(path: str) -> ClusterConfig:
     if "autoscaling" in data:
         config.autoscaling = AutoscalingConfig.from_dict(data["autoscaling"], f"{path}: autoscaling")
     _check_types(config.cluster, _CLUSTER_KEYS, "cluster", path)
+    if "gpu" in config.cluster:
+        from dist_infer.planner.hardware import device_spec  # lazily: serving needs no datasheets otherwise
+
+        try:
+            device_spec(config.cluster["gpu"])
+        except ValueError as e:
+            raise ValueError(f"{path}: cluster.gpu: {e}") from None
     _check_types(config.server, _SERVER_KEYS, "server", path)
     engine_keys = {f.name for f in fields(EngineArgs)} - {"config_file"}
     for key in config.engine:
