@@ -4,6 +4,7 @@
     dist-infer generate --stream --temperature 0.7 PROMPT...   sampled, printed as tokens arrive
     dist-infer convert SRC.gguf DEST/                          a GGUF file as a Hugging Face folder
     dist-infer distill OUT/ --student SMALL/                   train SMALL on the teacher's (--model) logprobs
+    dist-infer profile && dist-infer plan --workload poisson:2:100:128:64    rank tp/pp/dp layouts by simulation
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distill_parser(sub)
 
+    from dist_infer.entrypoints.plan_cli import add_plan_parsers
+
+    add_plan_parsers(sub)
+
     conv = sub.add_parser("convert", help="convert a Llama-family GGUF file into a Hugging Face folder")
     conv.add_argument("src", metavar="SRC.gguf")
     conv.add_argument("dest", metavar="DEST")
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         commands = {"generate": _generate, "convert": _convert, "serve": _serve, "batch": _batch,
-                    "eval-ppl": _eval_ppl, "quantize": _quantize, "prune": _prune, "distill": _distill}
+                    "eval-ppl": _eval_ppl, "quantize": _quantize, "prune": _prune, "distill": _distill,
+                    "profile": _profile, "plan": _plan}
         if args.command in commands:
             return commands[args.command](args)
         parser.error(f"unknown command {args.command}")
@@ -370,3 +376,15 @@ def _convert(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _profile(args) -> int:
+    from dist_infer.entrypoints.plan_cli import run_profile
+
+    return run_profile(args)
+
+
+def _plan(args) -> int:
+    from dist_infer.entrypoints.plan_cli import run_plan
+
+    return run_plan(args)

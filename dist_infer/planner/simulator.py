@@ -1,0 +1,196 @@
+"""The serving simulator: the engine's own scheduler, KV-cache manager, engine cores and router, on simulated time.
+
+Nothing here decides what runs: each data-parallel replica is a real ``EngineCore`` (its ``Scheduler`` and
+``KVCacheManager`` unchanged, its pipeline micro-batching unchanged), requests are routed by the real
+``DataParallelRouter``, and the loop below follows ``ReplicaManager.run_steps``: start steps on every replica with
+room, wait for the first to come back, apply it. Only the executor is simulated (``SimulatedExecutor``): a step
+does not run the model but is timed by a cost model, and its sampled tokens are made up (requests run with
+``ignore_eos``, so their lengths are what the workload says).
+
+Time of one step on one replica (every rank of a stage runs it together):
+
+    dispatch  = when the engine thread, after its own per-step work (``engine_seconds``), hands it over
+    stage 0   starts when stage 0 is free and the step was dispatched; takes ``stage_seconds(shape, 0)``
+    stage s   starts when stage s is free and stage s-1's activations arrived (``p2p_seconds`` after it ended)
+    result    when the last stage ends; the engine applies it when its thread is free
+
+Stages of one replica overlap on different micro-batches (up to ``max_batches_in_flight``), replicas run side by
+side, and where the workers share a host's cores (CPU) the stages' work is time-sliced (``events.SharedHost``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from dist_infer.config import EngineConfig
+from dist_infer.engine.dp_router import DataParallelRouter
+from dist_infer.engine.engine_core import EngineCore
+from dist_infer.engine.messages import ModelRunnerOutput, SchedulerOutput
+from dist_infer.engine.request import Request
+from dist_infer.planner.events import EventQueue, SharedHost
+from dist_infer.planner.metrics import RequestTimes, SimResult
+from dist_infer.planner.step_shape import Layout, StepShape, step_shape
+from dist_infer.planner.workload import Workload
+from dist_infer.sampling_params import SamplingParams
+
+
+@dataclass
+class StepRecord:
+    """One simulated step, for tests and plots: what ran, and when."""
+
+    replica: int
+    scheduled: SchedulerOutput
+    shape: StepShape
+    start: float
+    end: float = 0.0
+
+
+class SimulatedExecutor:
+    """Stands in for the workers of every replica: keeps what workers would know of each request (diffs in, as
+    the real workers get them) and times each step through the stages. ``execute_model`` returns a future that
+    the event loop completes at the step's simulated end."""
+
+    max_batches_in_flight = 1 << 30  # what the pipeline carries is the config's to say
+
+    def __init__(self, events: EventQueue, host: SharedHost, cost, layout: Layout, vocab_size: int,
+                 on_result, records: list[StepRecord] | None):
+        self.events, self.host, self.cost, self.layout = events, host, cost, layout
+        self.vocab_size, self.on_result, self.records = vocab_size, on_result, records
+        self.num_tokens: dict[str, int] = {}
+        # Per replica and stage: steps waiting for the stage, and whether it is busy.
+        self.queues = [[deque() for _ in range(layout.pp)] for _ in range(layout.dp)]
+        self.busy = [[False] * layout.pp for _ in range(layout.dp)]
+        # The engine thread's clock while it schedules: each step costs it ``engine_seconds`` before it is handed
+        # over (the loop sets it when the thread starts an iteration and reads it back after).
+        self.clock = 0.0
+
+    def execute_model(self, scheduled: SchedulerOutput, replica: int = 0) -> Future:
+        for req_id in scheduled.finished_req_ids:
+            self.num_tokens.pop(req_id, None)
+        for new in scheduled.new_requests:
+            self.num_tokens[new.req_id] = len(new.token_ids)
+        for cached in scheduled.cached_requests:
+            self.num_tokens[cached.req_id] += len(cached.new_token_ids)
+        shape = step_shape(scheduled, self.num_tokens)
+        self.clock += self.cost.engine_seconds(shape, self.layout)
+        future: Future = Future()
+        record = StepRecord(replica, scheduled, shape, self.clock)
+        if self.records is not None:
+            self.records.append(record)
+        step = (scheduled, shape, future, record)
+        self.events.at(self.clock, lambda: self._enter(replica, 0, step))
+        return future
+
+    def _enter(self, replica: int, stage: int, step) -> None:
+        self.queues[replica][stage].append(step)
+        self._next(replica, stage)
+
+    def _next(self, replica: int, stage: int) -> None:
+        if self.busy[replica][stage] or not self.queues[replica][stage]:
+            return
+        step = self.queues[replica][stage].popleft()
+        self.busy[replica][stage] = True
+        work = self.cost.stage_seconds(step[1], self.layout, stage)
+        self.host.run(work, self.cost.stage_demand(self.layout), lambda: self._stage_done(replica, stage, step))
+
+    def _stage_done(self, replica: int, stage: int, step) -> None:
+        self.busy[replica][stage] = False
+        self._next(replica, stage)
+        if stage + 1 < self.layout.pp:
+            delay = self.cost.p2p_seconds(step[1], self.layout)
+            self.events.at(self.events.now + delay, lambda: self._enter(replica, stage + 1, step))
+            return
+        scheduled, shape, future, record = step
+        record.end = self.events.now
+        future.set_result(self._sample(scheduled))
+        self.on_result()
+
+    def _sample(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """A made-up token for every row that reached the end of its sequence (its id only feeds the prefix
+        cache's keys of generated blocks)."""
+        out = ModelRunnerOutput()
+        context = {r.req_id: r.num_computed_tokens for r in scheduled.new_requests}
+        context.update((r.req_id, r.num_computed_tokens) for r in scheduled.cached_requests)
+        for req_id, n in scheduled.num_scheduled_tokens.items():
+            position = context[req_id] + n
+            if position >= self.num_tokens[req_id]:
+                out.sampled_token_ids[req_id] = 1 + hash((req_id, position)) % (self.vocab_size - 1)
+        return out
+
+
+@dataclass
+class _Loop:
+    """The engine thread's state: when it is free next, and whether a wake-up is already queued."""
+
+    free_at: float = 0.0
+    wake_queued: bool = False
+
+
+def simulate(config: EngineConfig, num_blocks: list[int], cost, workload: Workload,
+             records: list[StepRecord] | None = None) -> SimResult:
+    """Runs ``workload`` through the engine of ``config`` with ``num_blocks`` usable KV blocks per replica (per
+    KV-cache group), timed by ``cost``; returns every request's times. ``records`` collects the steps."""
+    parallel = config.parallel_config
+    layout = Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size,
+                    tuple(end - start for start, end in parallel.layer_ranges(config.model_config.num_layers)))
+    events = EventQueue()
+    host = SharedHost(events, cost.host_cores)
+    loop = _Loop()
+    executor = SimulatedExecutor(events, host, cost, layout, config.model_config.vocab_size,
+                                 lambda: wake(events.now), records)
+    cores = [EngineCore(config, num_blocks, d, executor) for d in range(layout.dp)]
+    router = DataParallelRouter(config.cache_config.block_size)
+    times: dict[str, RequestTimes] = {}
+    arrivals = deque((str(i), item) for i, item in enumerate(workload.items))
+
+    def wake(when: float) -> None:
+        if not loop.wake_queued:
+            loop.wake_queued = True
+            events.at(max(when, loop.free_at), iterate)
+
+    def place_arrivals(now: float) -> None:
+        while arrivals and arrivals[0][1].arrival_s <= now:
+            req_id, item = arrivals.popleft()
+            params = SamplingParams(max_tokens=item.output_len, ignore_eos=True, temperature=0.0)
+            request = Request(req_id, list(item.prompt_token_ids), params, frozenset(), item.output_len,
+                              arrival_time=item.arrival_s)
+            times[req_id] = RequestTimes(item.arrival_s, item.prompt_len, item.output_len)
+            loads = {d: core.scheduler.outstanding_work() for d, core in enumerate(cores)}
+            cores[router.route(request.token_ids, loads)].scheduler.add_request(request)
+
+    def iterate() -> None:
+        loop.wake_queued = False
+        t = max(events.now, loop.free_at)
+        # Each replica whose oldest step came back applies it (one per replica, as ReplicaManager.run_steps does).
+        for core in cores:
+            if core.oldest is not None and core.oldest.done():
+                for output in core.finish_oldest():
+                    entry = times[output.req_id]
+                    if output.new_token_ids:
+                        if entry.first_token is None:
+                            entry.first_token = t
+                            entry.cached_tokens = output.num_cached_tokens
+                        entry.generated += len(output.new_token_ids)
+                    if output.finish_reason is not None:
+                        entry.finish = t
+        place_arrivals(t)
+        executor.clock = t
+        for core in cores:
+            core.fill_pipeline()
+        loop.free_at = executor.clock
+        if any(core.oldest is not None and core.oldest.done() for core in cores):
+            wake(loop.free_at)  # more results are waiting
+        elif arrivals and all(core.oldest is None for core in cores):
+            wake(arrivals[0][1].arrival_s)  # idle: the next request wakes the engine
+
+    wake(workload.items[0].arrival_s)
+    events.run()
+    unfinished = [r for r in times.values() if r.finish is None]
+    if unfinished or arrivals:
+        raise RuntimeError(f"the simulation stopped with {len(unfinished) + len(arrivals)} requests unfinished")
+    stats = [core.scheduler.get_stats() for core in cores]
+    return SimResult(str(layout), list(times.values()), num_steps=sum(s.num_steps for s in stats),
+                     num_preemptions=sum(s.num_preemptions for s in stats),
+                     prefix_cache_hits=sum(s.prefix_cache_hits for s in stats))
