@@ -22,8 +22,11 @@ class UnitCost:
     def stage_seconds(self, shape, layout, stage):
         return 1.0
 
-    def stage_demand(self, layout):
-        return 1.0
+    def stage_comm_seconds(self, shape, layout, stage):
+        return 0.0
+
+    def stage_load(self, shape, layout):
+        return 1.0, 1, 1.0
 
     def p2p_seconds(self, shape, layout):
         return 0.0
@@ -144,7 +147,7 @@ def test_pipeline_overlaps_micro_batches_and_shared_cores_slow_each_other(tiny):
     events = EventQueue()
     host = SharedHost(events, cores=1)
     done = []
-    host.run(1.0, 1.0, lambda: done.append(events.now))
-    host.run(1.0, 1.0, lambda: done.append(events.now))
+    host.run(1.0, lambda: done.append(events.now))
+    host.run(1.0, lambda: done.append(events.now))
     events.run()
     assert done == pytest.approx([2.0, 2.0])

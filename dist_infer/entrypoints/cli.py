@@ -374,10 +374,6 @@ def _convert(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _profile(args) -> int:
     from dist_infer.entrypoints.plan_cli import run_profile
 
@@ -388,3 +384,7 @@ def _plan(args) -> int:
     from dist_infer.entrypoints.plan_cli import run_plan
 
     return run_plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

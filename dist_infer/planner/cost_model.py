@@ -1,12 +1,15 @@
 """What a step costs on a layout: from a profile measured on the device (``ProfiledCost``), or, for a device never
 profiled, from its datasheet (``RooflineCost``). The simulator asks four things:
 
-* ``stage_seconds(shape, layout, s)``: one rank of pipeline stage ``s`` running the step (every rank of a stage
-  runs it together): its layers, on the first stage the embedding, on the last the logits and sampling, its
-  per-step bookkeeping, and its tensor-parallel collectives -- per layer two all-reduces of the T x hidden
-  activations (after attention and after the MLP), one more for the vocab-parallel embedding, and an all-gather
-  of the sampled rows' logits;
-* ``stage_demand(layout)``: the cores one stage's ranks keep busy, where workers share a host's cores;
+* ``stage_seconds(shape, layout, s)``: one rank of pipeline stage ``s`` computing the step (every rank of a stage
+  runs it together): its layers, on the first stage the embedding, on the last the logits and sampling, and its
+  per-step bookkeeping;
+* ``stage_comm_seconds(shape, layout, s)``: its tensor-parallel collectives -- per layer two all-reduces of the
+  T x hidden activations (after attention and after the MLP), one more for the vocab-parallel embedding, and an
+  all-gather of the sampled rows' logits. A rank waiting in a collective leaves its core to others, so the
+  simulator counts this as time, not as work on the host's cores;
+* ``stage_load(shape, layout)``: where workers share a host's cores, the threads one stage's ranks keep busy while
+  computing, the threads per rank, and the cores' efficiency at full occupancy for this step (``events``);
 * ``p2p_seconds(shape, layout)``: stage s handing its [2, T, hidden] (hidden, residual) to stage s+1;
 * ``engine_seconds(shape, layout)``: the engine thread's own work for a step.
 """
@@ -22,15 +25,18 @@ from dist_infer.planner.profiler import attention_features
 from dist_infer.planner.step_shape import Layout, StepShape
 
 
-def _comm_seconds(comm: CommModel, model: ModelShape, shape: StepShape, layout: Layout, stage: int) -> float:
+def _comm_seconds(comm: CommModel, model: ModelShape, shape: StepShape, layout: Layout, stage: int,
+                  floor: float = 0.0) -> float:
+    """The stage's collectives; each takes at least ``floor`` (what one costs inside steps: ``comm_in_steps``)."""
     tp = layout.tp
     if tp == 1:
         return 0.0
     activations = shape.num_tokens * model.hidden * model.dtype_bytes
     reduces = 2 * layout.layers[stage] + (stage == 0)
-    seconds = reduces * comm.time("all_reduce", activations, tp)
+    seconds = reduces * max(floor, comm.time("all_reduce", activations, tp))
     if stage == layout.pp - 1 and shape.num_sampled:
-        seconds += comm.time("all_gather", shape.num_sampled * -(-model.vocab // tp) * model.dtype_bytes, tp)
+        gathered = shape.num_sampled * -(-model.vocab // tp) * model.dtype_bytes
+        seconds += max(floor, comm.time("all_gather", gathered, tp))
     return seconds
 
 
@@ -70,12 +76,24 @@ class ProfiledCost:
             fit["overhead"], {"step": 1.0, "seqs": shape.num_seqs, "tokens": shape.num_tokens})
         if stage == layout.pp - 1 and shape.num_sampled:
             seconds += interpolate(fit["head"], shape.num_sampled)
-        if layout.tp > 1:
-            seconds += _comm_seconds(self.comm, self.model, shape, layout, stage)
         return seconds
 
-    def stage_demand(self, layout: Layout) -> float:
-        return layout.tp * self.threads(layout)
+    def stage_comm_seconds(self, shape: StepShape, layout: Layout, stage: int) -> float:
+        if layout.tp == 1:
+            return 0.0
+        floor = self.profile.get("comm_in_steps", {}).get(str(layout.tp), {}).get("latency", 0.0)
+        return _comm_seconds(self.comm, self.model, shape, layout, stage, floor)
+
+    def stage_load(self, shape: StepShape, layout: Layout) -> tuple[float, int, float]:
+        """Efficiency e = a one-thread worker's time alone / its time with every core busy, for this step's dense
+        work (from the profile's ``busy_dense``; 1 where it was not measured)."""
+        threads = self.threads(layout)
+        solo = self.profile["workers"].get(f"tp{layout.tp}-t1", {})
+        efficiency = 1.0
+        if "busy_dense" in solo:
+            T = shape.num_tokens
+            efficiency = min(1.0, max(0.25, interpolate(solo["dense"], T) / interpolate(solo["busy_dense"], T)))
+        return float(layout.tp * threads), threads, efficiency
 
     def p2p_seconds(self, shape: StepShape, layout: Layout) -> float:
         if self.comm is None:
@@ -102,7 +120,7 @@ class RooflineCost:
     ENGINE_STEP_S = 2e-3
     ENGINE_SEQ_S = 20e-6
 
-    def __init__(self, model: ModelShape, cluster, dtype: str, engine: dict | None = None):
+    def __init__(self, model: ModelShape, cluster, dtype: str):
         self.model, self.cluster, self.dtype = model, cluster, dtype
         device = cluster.device
         if device is None:
@@ -115,7 +133,6 @@ class RooflineCost:
         self.intra = CommModel.from_links(cluster.intra_node_bandwidth, cluster.link_latency_s)
         self.inter = CommModel.from_links(cluster.inter_node_bandwidth / max(cluster.devices_per_node, 1),
                                           cluster.inter_node_latency_s)
-        self.engine = engine
 
     def _time(self, flops: float, nbytes: float) -> float:
         return max(flops / (self.peak * self.GEMM_EFFICIENCY),
@@ -134,10 +151,13 @@ class RooflineCost:
         seconds = layers * (linear + attention + self.LAYER_LAUNCH_S)
         if stage == layout.pp - 1 and shape.num_sampled:
             seconds += self._time(2 * shape.num_sampled * m.hidden * m.vocab / tp, m.vocab_bytes(tp))
-        return seconds + _comm_seconds(self.intra, m, shape, layout, stage)
+        return seconds
 
-    def stage_demand(self, layout: Layout) -> float:
-        return 0.0
+    def stage_comm_seconds(self, shape: StepShape, layout: Layout, stage: int) -> float:
+        return _comm_seconds(self.intra, self.model, shape, layout, stage)
+
+    def stage_load(self, shape: StepShape, layout: Layout) -> tuple[float, int, float]:
+        return 0.0, 1, 1.0  # every worker owns its GPU
 
     def p2p_seconds(self, shape: StepShape, layout: Layout) -> float:
         per_node = self.cluster.devices_per_node or 1

@@ -36,13 +36,18 @@ def _run(engine, batch: int, prompt_len: int, output_len: int) -> tuple[float, i
 def measure_engine(folder: str, dtype: str, batches=(1, 4, 16, 64), prompt_len: int = 16, output_len: int = 24,
                    log=print) -> dict:
     """The fitted per-step engine cost (``ENGINE_TERMS``) and its samples."""
+    import os
+
     from dist_infer.engine.llm_engine import LLMEngine
 
+    # A model without tokenizer files is served ids in, ids out: then there is nothing to detokenize.
+    detokenizes = any(os.path.exists(os.path.join(folder, name)) for name in ("tokenizer.json", "tokenizer_config.json"))
     samples = []
     for workers in (1, 2):
         engine = LLMEngine.from_engine_args(
             model=folder, dtype=dtype, distributed_executor_backend="mp", pipeline_parallel_size=workers,
-            max_batches_in_flight=1, max_model_len=prompt_len + output_len + 16, kv_cache_memory=64 << 20)
+            max_batches_in_flight=1, max_model_len=prompt_len + output_len + 16, kv_cache_memory=64 << 20,
+            skip_tokenizer_init=not detokenizes)
         try:
             _run(engine, 2, prompt_len, 4)  # warm-up
             for batch in batches:

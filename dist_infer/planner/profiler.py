@@ -9,10 +9,12 @@ layers, the model's own head_dim and hidden size), run by the real worker code i
   decodes (their count and the keys they read) and prompt chunks (their count, query-key pairs, keys gathered);
 * the head (final logits of the slice's vocabulary, and sampling) by sampled rows; the rest of a worker's step
   (inputs, embedding, bookkeeping) as a fit over requests and tokens;
-* per thread count a layout gives its workers (the mp executor gives each ``cores // workers`` threads);
+* per thread count a layout gives its workers (the mp executor gives each ``cores // workers`` threads), and the
+  one-thread slice again in as many processes at once as there are cores: what a core delivers when all are busy;
 * the engine's own side of a step (scheduling, handing the step to the worker processes, applying the result,
   detokenizing) from a real engine on the slice with one and two worker processes;
-* collectives and point-to-point transfers by size and group size (``comm_profile``).
+* collectives and point-to-point transfers by size and group size (``comm_profile``), and what a collective costs
+  inside real steps of the first layers run at each tp size (``comm_in_steps``).
 
 Everything lands in one JSON file per device kind and model shape (``profile_path``), which the planner reads.
 """
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 
 from dist_infer.planner.fits import linear_fit, table
+from dist_infer.planner.step_shape import Layout
 
 PROFILE_VERSION = 1
-PROFILE_LAYERS = 2
+PROFILE_LAYERS = 4
 ATTENTION_TERMS = ["decode_call", "decodes", "decode_keys", "prefill_call", "prefills", "prefill_pairs",
                    "prefill_keys"]
 OVERHEAD_TERMS = ["step", "seqs", "tokens"]
@@ -108,7 +111,7 @@ def make_slice_model(hf_config, tp: int, dest: str, dtype: torch.dtype) -> str:
 # ---- one worker's step, part by part -------------------------------------------------------------------------
 def step_grid(max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int, quick: bool = False) -> list[list]:
     """Steps to time, as lists of (query_len, context_len): decode batches by size and context, prompt chunks by
-    length with and without earlier context, and a few mixes."""
+    length with and without earlier context, several chunks in one step, and decodes mixed with a chunk."""
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_num_seqs]
     contexts = [c for c in (32, 256, 1024, 4096) if c < max_model_len]
     chunks = [n for n in (8, 32, 128, 512, 1024, 2048) if n <= max_num_batched_tokens]
@@ -116,26 +119,32 @@ def step_grid(max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int
         batches, contexts, chunks = batches[::2], contexts[:2], chunks[::2]
     steps = [[(1, c)] * b for b in batches for c in contexts if b * c <= 1 << 17]
     steps += [[(n, c)] for n in chunks for c in (0, min(1024, max_model_len // 2)) if n + c <= max_model_len]
+    steps += [[(n, c)] * k for k in (4, 16) for n in (16, 64) for c in (0, 128)
+              if k * n <= max_num_batched_tokens and k <= max_num_seqs and n + c <= max_model_len]
     steps += [[(1, 256)] * b + [(n, 0)] for b in batches[1::2] for n in chunks[::2]
               if b + n <= max_num_batched_tokens]
     return steps
 
 
 class _Timers:
-    """Forward hooks timing every decoder layer and every attention module (synchronizing on CUDA)."""
+    """Forward hooks timing each decoder layer and each attention module apart (synchronizing on CUDA), and the
+    head. A stage's first layer runs slower than the rest (its inputs come cold from the embedding or the
+    previous stage), so the per-layer costs are taken from the layers after it (``steady``) and the first
+    layer's excess stays with the step's fixed part."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         from dist_infer.layers.attention import Attention
 
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.seconds = {"layer": 0.0, "attention": 0.0, "head": 0.0}
         layers = [m for name, m in model.named_modules() if name.count(".") == 2 and ".layers." in f".{name}"
                   and type(m).__name__ != "MissingLayer"]
-        for module in layers:
-            self._hook(module, "layer")
-        for module in model.modules():
-            if isinstance(module, Attention):
-                self._hook(module, "attention")
+        self.num_layers = len(layers)
+        self.seconds: dict[str, float] = {}
+        for i, module in enumerate(layers):
+            self._hook(module, f"layer{i}")
+            for inner in module.modules():
+                if isinstance(inner, Attention):
+                    self._hook(inner, f"attention{i}")
         compute_logits = model.compute_logits
 
         def timed_logits(hidden):
@@ -143,7 +152,7 @@ class _Timers:
             start = time.perf_counter()
             out = compute_logits(hidden)
             self.sync()
-            self.seconds["head"] += time.perf_counter() - start
+            self.seconds["head"] = self.seconds.get("head", 0.0) + time.perf_counter() - start
             return out
 
         model.compute_logits = timed_logits
@@ -157,14 +166,19 @@ class _Timers:
 
         def after(*_):
             self.sync()
-            self.seconds[key] += time.perf_counter() - starts.pop()
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - starts.pop()
 
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
 
     def reset(self) -> dict:
-        taken, self.seconds = self.seconds, dict.fromkeys(self.seconds, 0.0)
-        return taken
+        """Seconds since the last reset: ``layer`` and ``attention`` per steady layer (mean over layers 1..), all
+        layers together (``layers``), and the head."""
+        taken, self.seconds = self.seconds, {}
+        steady = range(1, self.num_layers)
+        return {"layer": sum(taken[f"layer{i}"] for i in steady) / len(steady),
+                "attention": sum(taken[f"attention{i}"] for i in steady) / len(steady),
+                "layers": sum(taken[f"layer{i}"] for i in range(self.num_layers)), "head": taken.get("head", 0.0)}
 
 
 def attention_features(queries) -> dict[str, float]:
@@ -177,7 +191,7 @@ def attention_features(queries) -> dict[str, float]:
 
 
 def measure_worker(folder: str, threads: int, dtype: str, quantization: str | None, steps: list[list],
-                   repeats: int = 3, block_size: int = 16, device: str = "cpu", log=print) -> list[dict]:
+                   repeats: int = 7, block_size: int = 16, device: str = "cpu", log=print) -> list[dict]:
     """Runs each step of ``steps`` on a worker of the slice model in this process; per step the median seconds of
     the whole step, of its layers, their attention and the head (logits and sampling)."""
     from dist_infer.engine.arg_utils import EngineArgs
@@ -187,7 +201,7 @@ def measure_worker(folder: str, threads: int, dtype: str, quantization: str | No
 
     max_len = max(q + c for step in steps for q, c in step)
     max_resident = max(sum(-(-(q + c) // block_size) for q, c in step) for step in steps)
-    config = EngineArgs(model=folder, dtype=dtype, quantization=quantization, max_model_len=max_len + 1,
+    config = EngineArgs(model=folder, dtype=dtype, quantization=quantization, max_model_len=max_len,
                         block_size=block_size, num_gpu_blocks_override=max_resident + 1, skip_tokenizer_init=True,
                         max_num_batched_tokens=max(sum(q for q, _ in s) for s in steps),
                         max_num_seqs=max(len(s) for s in steps)).create_engine_config()
@@ -198,29 +212,30 @@ def measure_worker(folder: str, threads: int, dtype: str, quantization: str | No
         timers = _Timers(worker.runner.model, worker.device)
         params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0.0)
         finished: set[str] = set()
-        samples, counter = [], 0
-        for step in steps:
-            runs = []
-            for _ in range(repeats + 1):  # the first run warms up the shapes
+        counter = 0
+        runs: list[list[dict]] = [[] for _ in steps]
+        # Rounds over the whole grid, not repeats of one step in a row: this machine's speed drifts over seconds,
+        # and a drift must not tilt the fitted curves (the first round warms the shapes up and is dropped).
+        for round_ in range(repeats + 1):
+            for i, step in enumerate(steps):
                 new, next_block = [], 1
                 for q, c in step:
                     counter += 1
                     nb = -(-(q + c) // block_size)
-                    blocks = list(range(next_block, next_block + nb))
+                    new.append(NewRequestData(str(counter), [1] * (q + c), params,
+                                              [list(range(next_block, next_block + nb))], c, q + c, ()))
                     next_block += nb
-                    new.append(NewRequestData(str(counter), [1] * (q + c), params, [blocks], c, q + c, ()))
-                out = SchedulerOutput(new_requests=new, num_scheduled_tokens={r.req_id: q for r, (q, _) in
-                                                                              zip(new, step)},
-                                      finished_req_ids=finished)
+                out = SchedulerOutput(new_requests=new, finished_req_ids=finished,
+                                      num_scheduled_tokens={r.req_id: q for r, (q, _) in zip(new, step)})
                 finished = {r.req_id for r in new}
-                timers.reset()
+                timers.seconds = {}
                 start = time.perf_counter()
                 worker.execute_model(out)
                 total = time.perf_counter() - start
-                runs.append(dict(timers.reset(), total=total))
-            runs = runs[1:]
-            sample = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-            samples.append(dict(sample, queries=[list(x) for x in step]))
+                if round_:
+                    runs[i].append(dict(timers.reset(), total=total))
+        samples = [dict({key: statistics.median(r[key] for r in step_runs) for key in step_runs[0]},
+                        queries=[list(x) for x in step]) for step, step_runs in zip(steps, runs)]
         log(f"  {len(steps)} steps timed ({threads} thread(s))")
         return samples
     finally:
@@ -228,18 +243,35 @@ def measure_worker(folder: str, threads: int, dtype: str, quantization: str | No
         torch.set_num_threads(saved_threads)
 
 
-def fit_worker(samples: list[dict], num_layers: int = PROFILE_LAYERS) -> dict:
-    """Per-layer dense table over tokens, per-layer attention fit, head table over sampled rows, overhead fit."""
+def fit_worker(samples: list[dict]) -> dict:
+    """Per-layer dense table over tokens, per-layer attention fit, head table over sampled rows, and the fixed
+    part of a step (everything but ``layers x steady layer`` and the head) fitted over requests and tokens."""
     tokens = [sum(q for q, _ in s["queries"]) for s in samples]
-    dense = [(s["layer"] - s["attention"]) / num_layers for s in samples]
+    dense = [s["layer"] - s["attention"] for s in samples]
     feats = [attention_features(s["queries"]) for s in samples]
-    attention = linear_fit(feats, [s["attention"] / num_layers for s in samples], ATTENTION_TERMS)
+    attention = linear_fit(feats, [s["attention"] for s in samples], ATTENTION_TERMS)
     sampled = [len(s["queries"]) for s in samples]  # every made-up row is at its sequence's end: all sampled
-    rest = [s["total"] - s["layer"] - s["head"] for s in samples]
+    rest = [s["total"] - PROFILE_LAYERS * s["layer"] - s["head"] for s in samples]
     overhead = linear_fit([{"step": 1.0, "seqs": len(s["queries"]), "tokens": t} for s, t in zip(samples, tokens)],
                           [max(r, 1e-6) for r in rest], OVERHEAD_TERMS)
     return {"dense": table(tokens, dense), "attention": attention, "head": table(sampled, [s["head"] for s in samples]),
             "overhead": overhead}
+
+
+def _measure_quietly(args: tuple) -> list[dict]:
+    return measure_worker(*args, repeats=5, log=lambda message: None)
+
+
+def measure_busy(folder: str, processes: int, dtype: str, quantization: str | None, steps: list[list]) -> list[dict]:
+    """The steps timed in ``processes`` one-thread workers running at once (every core busy): per step the mean of
+    their medians. Against the same worker alone this gives what a core delivers when all are busy -- less than
+    alone where they share memory bandwidth or caches (``events.SharedHost``)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        per_process = pool.map(_measure_quietly, [(folder, 1, dtype, quantization, steps)] * processes)
+    return [{key: statistics.mean(p[i][key] for p in per_process) for key in ("layer", "attention", "total")}
+            | {"queries": per_process[0][i]["queries"]} for i in range(len(steps))]
 
 
 def profile_model(model_folder: str, tp_sizes: list[int], thread_counts: list[int], dtype: str = "auto",
@@ -266,6 +298,12 @@ def profile_model(model_folder: str, tp_sizes: list[int], thread_counts: list[in
                 log(f"profiling the tp={tp} slice with {threads} thread(s)")
                 samples = measure_worker(folder, threads, dtype_name, quantization, steps, device=device, log=log)
                 result["workers"][f"tp{tp}-t{threads}"] = dict(fit_worker(samples), samples=samples)
+            cores = len(os.sched_getaffinity(0))
+            if device == "cpu" and cores > 1 and 1 in thread_counts:
+                log(f"profiling the tp={tp} slice in {cores} one-thread processes at once")
+                busy = measure_busy(folder, cores, dtype_name, quantization, steps)
+                result["workers"][f"tp{tp}-t1"]["busy_dense"] = table(
+                    [sum(q for q, _ in s["queries"]) for s in busy], [s["layer"] - s["attention"] for s in busy])
         # The engine's side does not depend on the slice; the full vocabulary's slice detokenizes every id.
         folder = os.path.join(tmp, "tp1")
         if 1 not in tp_sizes:
@@ -275,12 +313,22 @@ def profile_model(model_folder: str, tp_sizes: list[int], thread_counts: list[in
         from dist_infer.planner.engine_profile import measure_engine
 
         result["engine"] = measure_engine(folder, dtype_name, log=log)
-    if comm:
-        from dist_infer.planner.comm_profile import default_sizes, profile_collectives
+        if comm:
+            from dist_infer.planner.comm_in_steps import measure_in_steps
+            from dist_infer.planner.comm_profile import default_sizes, profile_collectives
+            from dist_infer.planner.cost_model import ProfiledCost
+            from dist_infer.planner.model_shape import ModelShape
 
-        sizes = sorted({t for t in tp_sizes if t > 1} | {2})
-        log(f"profiling collectives over {sizes} ranks")
-        result["comm"] = profile_collectives(sizes, default_sizes(), device=device)
+            sizes = sorted({t for t in tp_sizes if t > 1} | {2})
+            log(f"profiling collectives over {sizes} ranks")
+            result["comm"] = profile_collectives(sizes, default_sizes(), device=device)
+            cost = ProfiledCost(result, ModelShape.from_hf_config(slice_config(hf_config, 1), torch_dtype.itemsize))
+            result["comm_in_steps"] = {}
+            for tp in tp_sizes:
+                if tp > 1 and f"tp{tp}-t{cost.threads(Layout(tp, 1, 1, (PROFILE_LAYERS,)))}" in result["workers"]:
+                    log(f"profiling collectives inside steps at tp={tp}")
+                    result["comm_in_steps"][str(tp)] = measure_in_steps(folder, tp, dtype_name, cost, PROFILE_LAYERS,
+                                                                        log=log)
     return result
 
 

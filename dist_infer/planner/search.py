@@ -1,8 +1,8 @@
 """``plan()``: every layout a model and a cluster allow, each simulated on a workload, ranked.
 
 1. **Enumerate** tp x pp x dp: tp a size the model's heads and MLP split into (``valid_tensor_parallel_sizes``)
-   and no larger than a node; pp up to the layer count; tp x pp x dp within the cluster's devices (on a CPU-only
-   cluster: ``max_workers`` worker processes). Each is built as a real ``EngineConfig``, so a layout the engine
+   and no larger than a node; pp one of 1, 2, 3, 4, 6, 8, 12, 16 up to the layer count; tp x pp x dp within the
+   cluster's devices (on a CPU-only cluster: ``max_workers`` worker processes). Each is built as a real ``EngineConfig``, so a layout the engine
    would refuse is refused here with the engine's own message.
 2. **Memory** per worker (``memory.worker_memory``): layouts whose weights and reserve do not fit, or whose KV
    cache cannot hold the workload's longest request, are out.
@@ -140,7 +140,8 @@ def candidate_layouts(model: ModelShape, cluster: ClusterSpec, num_layers: int, 
     per_node = cluster.devices_per_node or max_workers
     valid = valid_tensor_parallel_sizes(model.heads, model.kv_heads, model.intermediate)
     tps = [t for t in (tp_sizes or valid) if t <= per_node]
-    pps = pp_sizes or [p for p in range(1, num_layers + 1) if p <= devices]
+    # Pipeline depths people run (more stages than 16 only add bubbles and hops).
+    pps = pp_sizes or [p for p in (1, 2, 3, 4, 6, 8, 12, 16) if p <= min(devices, num_layers)]
     layouts = []
     for tp in tps:
         for pp in pps:

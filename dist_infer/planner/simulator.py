@@ -9,8 +9,10 @@ does not run the model but is timed by a cost model, and its sampled tokens are 
 
 Time of one step on one replica (every rank of a stage runs it together):
 
-    dispatch  = when the engine thread, after its own per-step work (``engine_seconds``), hands it over
-    stage 0   starts when stage 0 is free and the step was dispatched; takes ``stage_seconds(shape, 0)``
+    dispatch  = when the engine thread, after its own per-step work (``engine_seconds``, one step after the other,
+                on the host's cores beside the workers), hands it over
+    stage 0   starts when stage 0 is free and the step was dispatched; computes ``stage_seconds(shape, 0)`` (on
+              cores it may share), then waits ``stage_comm_seconds(shape, 0)`` in its collectives
     stage s   starts when stage s is free and stage s-1's activations arrived (``p2p_seconds`` after it ended)
     result    when the last stage ends; the engine applies it when its thread is free
 
@@ -20,6 +22,7 @@ side, and where the workers share a host's cores (CPU) the stages' work is time-
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -55,16 +58,18 @@ class SimulatedExecutor:
     max_batches_in_flight = 1 << 30  # what the pipeline carries is the config's to say
 
     def __init__(self, events: EventQueue, host: SharedHost, cost, layout: Layout, vocab_size: int,
-                 on_result, records: list[StepRecord] | None):
+                 on_result, on_engine_idle, records: list[StepRecord] | None):
         self.events, self.host, self.cost, self.layout = events, host, cost, layout
-        self.vocab_size, self.on_result, self.records = vocab_size, on_result, records
+        self.vocab_size, self.on_result, self.on_engine_idle, self.records = vocab_size, on_result, on_engine_idle, \
+            records
         self.num_tokens: dict[str, int] = {}
         # Per replica and stage: steps waiting for the stage, and whether it is busy.
         self.queues = [[deque() for _ in range(layout.pp)] for _ in range(layout.dp)]
         self.busy = [[False] * layout.pp for _ in range(layout.dp)]
-        # The engine thread's clock while it schedules: each step costs it ``engine_seconds`` before it is handed
-        # over (the loop sets it when the thread starts an iteration and reads it back after).
-        self.clock = 0.0
+        # The engine thread's own work for each step it hands over (``engine_seconds``), one after the other, on
+        # the host's cores like any other thread.
+        self.engine_queue: deque = deque()
+        self.engine_busy = False
 
     def execute_model(self, scheduled: SchedulerOutput, replica: int = 0) -> Future:
         for req_id in scheduled.finished_req_ids:
@@ -74,14 +79,30 @@ class SimulatedExecutor:
         for cached in scheduled.cached_requests:
             self.num_tokens[cached.req_id] += len(cached.new_token_ids)
         shape = step_shape(scheduled, self.num_tokens)
-        self.clock += self.cost.engine_seconds(shape, self.layout)
         future: Future = Future()
-        record = StepRecord(replica, scheduled, shape, self.clock)
+        record = StepRecord(replica, scheduled, shape, self.events.now)
         if self.records is not None:
             self.records.append(record)
-        step = (scheduled, shape, future, record)
-        self.events.at(self.clock, lambda: self._enter(replica, 0, step))
+        self.engine_queue.append((replica, (scheduled, shape, future, record)))
+        self._engine_next()
         return future
+
+    def _engine_next(self) -> None:
+        if self.engine_busy:
+            return
+        if not self.engine_queue:
+            self.on_engine_idle()
+            return
+        replica, step = self.engine_queue.popleft()
+        self.engine_busy = True
+
+        def handed_over():
+            self.engine_busy = False
+            step[3].start = self.events.now
+            self._enter(replica, 0, step)
+            self._engine_next()
+
+        self.host.run(self.cost.engine_seconds(step[1], self.layout), handed_over)
 
     def _enter(self, replica: int, stage: int, step) -> None:
         self.queues[replica][stage].append(step)
@@ -92,8 +113,14 @@ class SimulatedExecutor:
             return
         step = self.queues[replica][stage].popleft()
         self.busy[replica][stage] = True
-        work = self.cost.stage_seconds(step[1], self.layout, stage)
-        self.host.run(work, self.cost.stage_demand(self.layout), lambda: self._stage_done(replica, stage, step))
+        shape = step[1]
+        work = self.cost.stage_seconds(shape, self.layout, stage)
+        comm = self.cost.stage_comm_seconds(shape, self.layout, stage)
+        done = lambda: self._stage_done(replica, stage, step)  # noqa: E731
+        demand, threads, efficiency = self.cost.stage_load(shape, self.layout)
+        # A rank waiting in a collective leaves its core to others: the collectives are time, not work.
+        self.host.run(work, (lambda: self.events.at(self.events.now + comm, done)) if comm else done,
+                      demand, threads, efficiency)
 
     def _stage_done(self, replica: int, stage: int, step) -> None:
         self.busy[replica][stage] = False
@@ -116,16 +143,18 @@ class SimulatedExecutor:
         for req_id, n in scheduled.num_scheduled_tokens.items():
             position = context[req_id] + n
             if position >= self.num_tokens[req_id]:
-                out.sampled_token_ids[req_id] = 1 + hash((req_id, position)) % (self.vocab_size - 1)
+                # A stable digest, not hash(): str hashes change from one process to the next.
+                out.sampled_token_ids[req_id] = 1 + zlib.crc32(f"{req_id}:{position}".encode()) % (self.vocab_size - 1)
         return out
 
 
 @dataclass
 class _Loop:
-    """The engine thread's state: when it is free next, and whether a wake-up is already queued."""
+    """The engine thread's loop: whether an iteration is queued, and whether one is owed once the thread has handed
+    over the steps it started (results that came back meanwhile wait for it, as in the real loop)."""
 
-    free_at: float = 0.0
-    wake_queued: bool = False
+    queued: bool = False
+    owed: bool = False
 
 
 def simulate(config: EngineConfig, num_blocks: list[int], cost, workload: Workload,
@@ -139,16 +168,19 @@ def simulate(config: EngineConfig, num_blocks: list[int], cost, workload: Worklo
     host = SharedHost(events, cost.host_cores)
     loop = _Loop()
     executor = SimulatedExecutor(events, host, cost, layout, config.model_config.vocab_size,
-                                 lambda: wake(events.now), records)
+                                 lambda: wake(), lambda: loop.owed and wake(), records)
     cores = [EngineCore(config, num_blocks, d, executor) for d in range(layout.dp)]
     router = DataParallelRouter(config.cache_config.block_size)
     times: dict[str, RequestTimes] = {}
     arrivals = deque((str(i), item) for i, item in enumerate(workload.items))
 
-    def wake(when: float) -> None:
-        if not loop.wake_queued:
-            loop.wake_queued = True
-            events.at(max(when, loop.free_at), iterate)
+    def wake(when: float | None = None) -> None:
+        """Runs an iteration at ``when`` (default now), or as soon as the engine thread is free."""
+        if executor.engine_busy or executor.engine_queue:
+            loop.owed = True
+        elif not loop.queued:
+            loop.queued, loop.owed = True, False
+            events.at(events.now if when is None else when, iterate)
 
     def place_arrivals(now: float) -> None:
         while arrivals and arrivals[0][1].arrival_s <= now:
@@ -161,8 +193,8 @@ def simulate(config: EngineConfig, num_blocks: list[int], cost, workload: Worklo
             cores[router.route(request.token_ids, loads)].scheduler.add_request(request)
 
     def iterate() -> None:
-        loop.wake_queued = False
-        t = max(events.now, loop.free_at)
+        loop.queued = False
+        t = events.now
         # Each replica whose oldest step came back applies it (one per replica, as ReplicaManager.run_steps does).
         for core in cores:
             if core.oldest is not None and core.oldest.done():
@@ -176,12 +208,10 @@ def simulate(config: EngineConfig, num_blocks: list[int], cost, workload: Worklo
                     if output.finish_reason is not None:
                         entry.finish = t
         place_arrivals(t)
-        executor.clock = t
         for core in cores:
             core.fill_pipeline()
-        loop.free_at = executor.clock
         if any(core.oldest is not None and core.oldest.done() for core in cores):
-            wake(loop.free_at)  # more results are waiting
+            wake()  # more results are waiting
         elif arrivals and all(core.oldest is None for core in cores):
             wake(arrivals[0][1].arrival_s)  # idle: the next request wakes the engine
 
