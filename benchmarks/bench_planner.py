@@ -55,7 +55,7 @@ def cases(smollm2: str, tiny: str) -> list[dict]:
         {"model": "tiny 8-layer", "folder": tiny, "kind": "batch", "workload": "batch:32:64:64"},
         {"model": "tiny 8-layer", "folder": tiny, "kind": "poisson", "workload": "poisson:3:48:32-128:16-64"},
         {"model": "SmolLM2-135M", "folder": smollm2, "kind": "batch", "workload": "batch:16:64:32"},
-        {"model": "SmolLM2-135M", "folder": smollm2, "kind": "poisson", "workload": "poisson:0.5:16:32-128:16-48"},
+        {"model": "SmolLM2-135M", "folder": smollm2, "kind": "poisson", "workload": "poisson:0.5:12:32-128:16-48"},
     ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from dist_infer.planner.metrics import percentile  # noqa: F401  (the benchmarks' shared percentile)
+
 QUESTIONS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -43,14 +45,3 @@ def token_prompts(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int
         start = rng.randrange(0, len(base) - n)
         prompts.append(base[start:start + n])
     return prompts
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)

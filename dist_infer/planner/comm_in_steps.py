@@ -11,6 +11,11 @@ process per rank, threads as the executor gives them), and takes, per run,
 
 with the compute predicted from the same profile's slice measurements (``cost_model.ProfiledCost``). The cost
 model charges each collective the larger of this latency and its stand-alone time.
+
+Such a latency is the ranks waiting for cores, so it grows with every other thread that wants them: the simulator
+runs a collective as work of the group's threads on the shared cores (``events.SharedHost``), this latency being
+what it took with only the group there. (Measured here with as many busy threads again beside a tp=3 group on 2
+cores, it grew 1.8x, where sharing the cores predicts 2x.)
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ def measure_in_steps(folder: str, tp: int, dtype: str, cost, num_layers: int, ba
             events = EventQueue()
             host = SharedHost(events, cost.host_cores)
             demand, threads, efficiency = cost.stage_load(shape, layout)
-            host.run(cost.stage_seconds(shape, layout, 0), lambda: None, demand, threads, efficiency)
-            events.run()
-            predicted += events.now
-        return {"batch": batch, "steps": len(shapes), "measured_s": max(b - a for a, b in zip(before, after)),
-                "compute_s": predicted,
+            done = []
+            host.run(cost.stage_seconds(shape, layout, 0), lambda: done.append(events.now), demand, threads,
+                     efficiency)
+            events.run(until=lambda: bool(done))
+            predicted += done[0]
+        return {"batch": batch, "steps": len(shapes), "compute_s": predicted,
+                "measured_s": max(b - a for a, b in zip(before, after)),
                 "collectives": len(shapes) * (2 * num_layers + 1) + sum(1 for s in shapes if s.num_sampled)}
 
     try:
@@ -68,6 +75,6 @@ def measure_in_steps(folder: str, tp: int, dtype: str, cost, num_layers: int, ba
         samples = [run(batch) for batch in batches]
     finally:
         engine.shutdown()
-    latency = statistics.median(max(0.0, (s["measured_s"] - s["compute_s"]) / s["collectives"]) for s in samples)
+    latency = statistics.median(max(1e-6, (s["measured_s"] - s["compute_s"]) / s["collectives"]) for s in samples)
     log(f"  tp={tp}: a collective inside steps takes {latency * 1e3:.2f} ms")
     return {"latency": latency, "samples": samples}

@@ -6,8 +6,8 @@ profiled, from its datasheet (``RooflineCost``). The simulator asks four things:
   per-step bookkeeping;
 * ``stage_comm_seconds(shape, layout, s)``: its tensor-parallel collectives -- per layer two all-reduces of the
   T x hidden activations (after attention and after the MLP), one more for the vocab-parallel embedding, and an
-  all-gather of the sampled rows' logits. A rank waiting in a collective leaves its core to others, so the
-  simulator counts this as time, not as work on the host's cores;
+  all-gather of the sampled rows' logits: the time they take with only the stage's own ranks on the host (on
+  the CPU, where a collective's ranks wait for cores, the simulator runs it as their work on the shared cores);
 * ``stage_load(shape, layout)``: where workers share a host's cores, the threads one stage's ranks keep busy while
   computing, the threads per rank, and the cores' efficiency at full occupancy for this step (``events``);
 * ``p2p_seconds(shape, layout)``: stage s handing its [2, T, hidden] (hidden, residual) to stage s+1;

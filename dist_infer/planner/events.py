@@ -55,6 +55,10 @@ class SharedHost:
         self.tasks: list[_Task] = []
         self._version = 0
 
+    def solo_rate(self, demand: float) -> float:
+        """The rate of a task asking for ``demand`` threads with nothing else on the host (core efficiency aside)."""
+        return 1.0 if self.cores is None or demand <= self.cores else self.cores / demand
+
     def rate(self, task: _Task) -> float:
         cores = self.cores
         if cores is None:

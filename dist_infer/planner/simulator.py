@@ -12,7 +12,8 @@ Time of one step on one replica (every rank of a stage runs it together):
     dispatch  = when the engine thread, after its own per-step work (``engine_seconds``, one step after the other,
                 on the host's cores beside the workers), hands it over
     stage 0   starts when stage 0 is free and the step was dispatched; computes ``stage_seconds(shape, 0)`` (on
-              cores it may share), then waits ``stage_comm_seconds(shape, 0)`` in its collectives
+              cores it may share), then ``stage_comm_seconds(shape, 0)`` in its collectives (also slowed by
+              other threads wanting the cores)
     stage s   starts when stage s is free and stage s-1's activations arrived (``p2p_seconds`` after it ended)
     result    when the last stage ends; the engine applies it when its thread is free
 
@@ -118,9 +119,12 @@ class SimulatedExecutor:
         comm = self.cost.stage_comm_seconds(shape, self.layout, stage)
         done = lambda: self._stage_done(replica, stage, step)  # noqa: E731
         demand, threads, efficiency = self.cost.stage_load(shape, self.layout)
-        # A rank waiting in a collective leaves its core to others: the collectives are time, not work.
-        self.host.run(work, (lambda: self.events.at(self.events.now + comm, done)) if comm else done,
-                      demand, threads, efficiency)
+        # A collective's time was measured with only the stage's ranks on the host; where workers share cores its
+        # ranks progress only while they hold one, so it runs as their work at the rate they had then.
+        def communicate():
+            self.host.run(comm * self.host.solo_rate(demand), done, demand, threads, 1.0)
+
+        self.host.run(work, communicate if comm else done, demand, threads, efficiency)
 
     def _stage_done(self, replica: int, stage: int, step) -> None:
         self.busy[replica][stage] = False
