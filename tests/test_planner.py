@@ -93,28 +93,26 @@ def test_fits_interpolate_and_recover_coefficients():
 
 
 def _finish_times(cores, *tasks):
+    """Runs (name, work seconds, threads asked for, threads per process, efficiency) tasks from time 0."""
     events = EventQueue()
     host = SharedHost(events, cores)
     done = {}
-    for name, kind, amount, group_or_demand, efficiency in tasks:
-        if kind == "comm":
-            host.run_comm(amount, group_or_demand, lambda name=name: done.setdefault(name, events.now))
-        else:
-            host.run(amount, lambda name=name: done.setdefault(name, events.now), group_or_demand, 1, efficiency)
+    for name, work, demand, threads, efficiency in tasks:
+        host.run(work, lambda name=name: done.setdefault(name, events.now), demand, threads, efficiency)
     events.run()
     return done
 
 
-def test_shared_cores_slow_crowded_and_bandwidth_bound_work_and_stretch_collectives():
+def test_shared_cores_slow_crowded_and_bandwidth_bound_work():
     # Two one-thread tasks on two cores whose cores deliver 80 % when both are busy: 1 s of work takes 1.25 s.
-    assert _finish_times(2, ("a", "work", 1.0, 1, 0.8), ("b", "work", 1.0, 1, 0.8)) == pytest.approx(
-        {"a": 1.25, "b": 1.25})
+    assert _finish_times(2, ("a", 1.0, 1, 1, 0.8), ("b", 1.0, 1, 1, 0.8)) == pytest.approx({"a": 1.25, "b": 1.25})
+    # A two-thread task was profiled with both cores busy: alone it runs at its profiled speed.
+    assert _finish_times(2, ("w", 1.0, 2, 2, 0.8))["w"] == pytest.approx(1.0)
     # A three-process group on two cores: 2/3 of the cores, at that occupancy's efficiency.
-    assert _finish_times(2, ("g", "work", 1.0, 3, 0.8))["g"] == pytest.approx(1.5 / 0.8)
-    # A collective of 2 measured at 0.1 s stretches 2x while 2 more threads compute beside it.
-    done = _finish_times(2, ("c", "comm", 0.1, 2, 1.0), ("w", "work", 10.0, 2, 1.0))
-    assert done["c"] == pytest.approx(0.2)
-    assert _finish_times(None, ("a", "work", 1.0, 8, 0.5))["a"] == 1.0  # GPUs: nothing shared
+    assert _finish_times(2, ("g", 1.0, 3, 1, 0.8))["g"] == pytest.approx(1.5 / 0.8)
+    # A short task beside a long one: both at half speed until the short one ends, then the long one alone.
+    assert _finish_times(1, ("s", 1.0, 1, 1, 1.0), ("l", 3.0, 1, 1, 1.0)) == pytest.approx({"s": 2.0, "l": 4.0})
+    assert _finish_times(None, ("a", 1.0, 8, 1, 0.5))["a"] == 1.0  # GPUs: nothing shared
 
 
 # ---- roofline plans, refusals, written configs, the CLI -----------------------------------------------------------

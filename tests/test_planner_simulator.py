@@ -28,6 +28,9 @@ class UnitCost:
     def stage_load(self, shape, layout):
         return 1.0, 1, 1.0
 
+    def comm_stretch(self, layout, computing):
+        return 1.0
+
     def p2p_seconds(self, shape, layout):
         return 0.0
 

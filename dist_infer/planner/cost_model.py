@@ -1,13 +1,13 @@
 """What a step costs on a layout: from a profile measured on the device (``ProfiledCost``), or, for a device never
-profiled, from its datasheet (``RooflineCost``). The simulator asks four things:
+profiled, from its datasheet (``RooflineCost``). The simulator asks:
 
 * ``stage_seconds(shape, layout, s)``: one rank of pipeline stage ``s`` computing the step (every rank of a stage
   runs it together): its layers, on the first stage the embedding, on the last the logits and sampling, and its
   per-step bookkeeping;
 * ``stage_comm_seconds(shape, layout, s)``: its tensor-parallel collectives -- per layer two all-reduces of the
   T x hidden activations (after attention and after the MLP), one more for the vocab-parallel embedding, and an
-  all-gather of the sampled rows' logits: the time they take with only the stage's own ranks on the host (on
-  the CPU, where a collective's ranks wait for cores, the simulator runs it as their work on the shared cores);
+  all-gather of the sampled rows' logits, as they take with only the stage's own ranks on the host;
+* ``comm_stretch(layout, computing)``: how much longer they take while other threads compute on the host;
 * ``stage_load(shape, layout)``: where workers share a host's cores, the threads one stage's ranks keep busy while
   computing, the threads per rank, and the cores' efficiency at full occupancy for this step (``events``);
 * ``p2p_seconds(shape, layout)``: stage s handing its [2, T, hidden] (hidden, residual) to stage s+1;
@@ -77,6 +77,15 @@ class ProfiledCost:
         if stage == layout.pp - 1 and shape.num_sampled:
             seconds += interpolate(fit["head"], shape.num_sampled)
         return seconds
+
+    def comm_stretch(self, layout: Layout, computing: float) -> float:
+        """How much longer a collective takes while ``computing`` threads besides its group's want the host's
+        cores, as measured inside steps (``comm_in_steps``: latency x ((computing + D0) / D0) ** exponent)."""
+        info = (self.profile.get("comm_in_steps") or {}).get(str(layout.tp))
+        if not info or not self.on_cpu:
+            return 1.0
+        own = info["threads"]
+        return ((computing + own) / own) ** info["exponent"]
 
     def stage_comm_seconds(self, shape: StepShape, layout: Layout, stage: int) -> float:
         if layout.tp == 1:
@@ -155,6 +164,9 @@ class RooflineCost:
 
     def stage_comm_seconds(self, shape: StepShape, layout: Layout, stage: int) -> float:
         return _comm_seconds(self.intra, self.model, shape, layout, stage)
+
+    def comm_stretch(self, layout: Layout, computing: float) -> float:
+        return 1.0  # every worker owns its GPU and its links
 
     def stage_load(self, shape: StepShape, layout: Layout) -> tuple[float, int, float]:
         return 0.0, 1, 1.0  # every worker owns its GPU

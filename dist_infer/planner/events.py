@@ -55,9 +55,9 @@ class SharedHost:
         self.tasks: list[_Task] = []
         self._version = 0
 
-    def solo_rate(self, demand: float) -> float:
-        """The rate of a task asking for ``demand`` threads with nothing else on the host (core efficiency aside)."""
-        return 1.0 if self.cores is None or demand <= self.cores else self.cores / demand
+    def demand(self) -> float:
+        """Threads the running tasks ask for now."""
+        return sum(t.demand for t in self.tasks)
 
     def rate(self, task: _Task) -> float:
         cores = self.cores

@@ -10,7 +10,8 @@ workspaces, and the KV cache in what remains of its budget:
 * CPU: ``kv_cache_memory`` when set, else ``cpu_kv_cache_fraction`` of the RAM available, split among the host's
   workers (``worker.memory.kv_cache_budget``); weights and reserve must fit in the rest of the RAM.
 
-A replica's usable blocks are the fewest any of its stages can hold (every stage keeps every request's blocks
+Every layer is counted as keeping the whole context (a sliding-window layer keeps less: the plan errs on the safe
+side for such models). A replica's usable blocks are the fewest any of its stages can hold (every stage keeps every request's blocks
 for its own layers), capped, as the workers cap them, at ``max_num_seqs`` full-length sequences.
 """
 

@@ -12,8 +12,8 @@ Time of one step on one replica (every rank of a stage runs it together):
     dispatch  = when the engine thread, after its own per-step work (``engine_seconds``, one step after the other,
                 on the host's cores beside the workers), hands it over
     stage 0   starts when stage 0 is free and the step was dispatched; computes ``stage_seconds(shape, 0)`` (on
-              cores it may share), then ``stage_comm_seconds(shape, 0)`` in its collectives (also slowed by
-              other threads wanting the cores)
+              cores it may share), then waits ``stage_comm_seconds(shape, 0)`` in its collectives (longer
+              while other threads compute: ``comm_stretch``)
     stage s   starts when stage s is free and stage s-1's activations arrived (``p2p_seconds`` after it ended)
     result    when the last stage ends; the engine applies it when its thread is free
 
@@ -119,10 +119,10 @@ class SimulatedExecutor:
         comm = self.cost.stage_comm_seconds(shape, self.layout, stage)
         done = lambda: self._stage_done(replica, stage, step)  # noqa: E731
         demand, threads, efficiency = self.cost.stage_load(shape, self.layout)
-        # A collective's time was measured with only the stage's ranks on the host; where workers share cores its
-        # ranks progress only while they hold one, so it runs as their work at the rate they had then.
+        # A rank waiting in a collective takes no core, so collectives are time, not work; but they take longer the
+        # more threads compute beside them when they start.
         def communicate():
-            self.host.run(comm * self.host.solo_rate(demand), done, demand, threads, 1.0)
+            self.events.at(self.events.now + comm * self.cost.comm_stretch(self.layout, self.host.demand()), done)
 
         self.host.run(work, communicate if comm else done, demand, threads, efficiency)
 
