@@ -21,8 +21,7 @@ import os
 from dist_infer.planner.comm_profile import CommModel
 from dist_infer.planner.fits import evaluate, interpolate
 from dist_infer.planner.model_shape import ModelShape
-from dist_infer.planner.profiler import attention_features
-from dist_infer.planner.step_shape import Layout, StepShape
+from dist_infer.planner.step_shape import Layout, StepShape, attention_features
 
 
 def _comm_seconds(comm: CommModel, model: ModelShape, shape: StepShape, layout: Layout, stage: int,

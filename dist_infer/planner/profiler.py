@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dist_infer.planner.fits import linear_fit, table
-from dist_infer.planner.step_shape import Layout
+from dist_infer.planner.step_shape import Layout, attention_features
 
 PROFILE_VERSION = 1
 PROFILE_LAYERS = 4
@@ -114,7 +114,7 @@ def step_grid(max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int
     length with and without earlier context, several chunks in one step, and decodes mixed with a chunk."""
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_num_seqs]
     contexts = [c for c in (32, 256, 1024, 4096) if c < max_model_len]
-    chunks = [n for n in (8, 32, 128, 512, 1024, 2048) if n <= max_num_batched_tokens]
+    chunks = [n for n in (8, 32, 128, 512, 1024, 2048) if n <= min(max_num_batched_tokens, max_model_len - 256)]
     if quick:
         batches, contexts, chunks = batches[::2], contexts[:2], chunks[::2]
     steps = [[(1, c)] * b for b in batches for c in contexts if b * c <= 1 << 17]
@@ -179,15 +179,6 @@ class _Timers:
         return {"layer": sum(taken[f"layer{i}"] for i in steady) / len(steady),
                 "attention": sum(taken[f"attention{i}"] for i in steady) / len(steady),
                 "layers": sum(taken[f"layer{i}"] for i in range(self.num_layers)), "head": taken.get("head", 0.0)}
-
-
-def attention_features(queries) -> dict[str, float]:
-    decodes = [c for q, c in queries if q == 1]
-    chunks = [(q, c) for q, c in queries if q > 1]
-    return {"decode_call": float(bool(decodes)), "decodes": len(decodes), "decode_keys": sum(c + 1 for c in decodes),
-            "prefill_call": float(bool(chunks)), "prefills": len(chunks),
-            "prefill_pairs": sum(q * c + q * (q + 1) / 2 for q, c in chunks),
-            "prefill_keys": sum(c + q for q, c in chunks if c)}
 
 
 def measure_worker(folder: str, threads: int, dtype: str, quantization: str | None, steps: list[list],

@@ -49,6 +49,17 @@ class StepShape:
         return sum(1 for q, _ in self.queries if q > 1)
 
 
+def attention_features(queries) -> dict[str, float]:
+    """The terms the attention cost is fitted over (``profiler``): per kind of call (decodes, prompt chunks) the
+    call itself, its requests, and the keys read or query-key pairs computed."""
+    decodes = [c for q, c in queries if q == 1]
+    chunks = [(q, c) for q, c in queries if q > 1]
+    return {"decode_call": float(bool(decodes)), "decodes": len(decodes), "decode_keys": sum(c + 1 for c in decodes),
+            "prefill_call": float(bool(chunks)), "prefills": len(chunks),
+            "prefill_pairs": sum(q * c + q * (q + 1) / 2 for q, c in chunks),
+            "prefill_keys": sum(c + q for q, c in chunks if c)}
+
+
 def step_shape(scheduled: SchedulerOutput, num_tokens: dict[str, int]) -> StepShape:
     """The shape of ``scheduled``; ``num_tokens``: every scheduled request's known tokens (a row is sampled when
     its chunk reaches the last of them)."""
