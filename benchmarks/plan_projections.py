@@ -66,7 +66,7 @@ def render(results: list[dict]) -> str:
         case, rows = r["case"], r["rows"]
         best = rows[0]
         lines += [f"### {case['name']}", "",
-                  f"{r['layouts']} layouts simulated ({r['refused']} refused: memory or shapes) in {r['seconds']:.0f} s. "
+                  f"{r['layouts']} layout(s) simulated ({r['refused']} refused: memory or shapes) in {r['seconds']:.0f} s. "
                   f"Chosen: **{best['layout']}**, {best['throughput_tok_s']:.0f} output tok/s "
                   f"({best['throughput_tok_s'] / best['workers']:.0f} per GPU), TTFT p50 "
                   f"{best['ttft_p50_s'] * 1e3:.0f} ms, mean TPOT {best['tpot_mean_s'] * 1e3:.1f} ms, "
