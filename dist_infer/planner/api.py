@@ -88,7 +88,8 @@ def plan_model(model: str | None = None, cluster=None, workload: str | Workload 
     args.update(engine_args)
     if model is not None:
         args["model"] = model
-    folder = resolve_model_path(args.get("model"))
+    named = args.get("model")  # as the user named it (None: the embedded default), for the config written
+    folder = resolve_model_path(named)
     args["model"] = folder
     hf_config = ModelConfig(folder, skip_tokenizer_init=True).hf_config
     if isinstance(workload, str):
@@ -96,9 +97,11 @@ def plan_model(model: str | None = None, cluster=None, workload: str | Workload 
     if isinstance(slo, str):
         slo = SLO.parse(slo)
     build = cost_for(spec, profile)
-    return plan(args, spec, workload, lambda shape, dtype: build(shape, dtype, hf_config), slo=slo,
-                host_memory=host_memory_bytes(), max_workers=max_workers, tp_sizes=tp_sizes, pp_sizes=pp_sizes,
-                dp_sizes=dp_sizes, log=log)
+    result = plan(args, spec, workload, lambda shape, dtype: build(shape, dtype, hf_config), slo=slo,
+                  host_memory=host_memory_bytes(), max_workers=max_workers, tp_sizes=tp_sizes, pp_sizes=pp_sizes,
+                  dp_sizes=dp_sizes, log=log)
+    result.model = None if named in (None, "default") else os.fspath(named)
+    return result
 
 
 def write_config(result: Plan, path: str | Path, cluster_section: dict | None = None) -> Path:
@@ -106,7 +109,9 @@ def write_config(result: Plan, path: str | Path, cluster_section: dict | None = 
     best = result.best
     config = best.config
     parallel, sched = config.parallel_config, config.scheduler_config
-    engine = {"model": config.model_config.model, "tensor_parallel_size": parallel.tensor_parallel_size,
+    # The model as the user named it (a .gguf file stays one; none: the embedded default), not a converted copy.
+    engine = {"model": result.model} if result.model else {}
+    engine |= {"tensor_parallel_size": parallel.tensor_parallel_size,
               "pipeline_parallel_size": parallel.pipeline_parallel_size,
               "data_parallel_size": parallel.data_parallel_size,
               "distributed_executor_backend": parallel.distributed_executor_backend,

@@ -88,7 +88,7 @@ class Candidate:
 
 @dataclass
 class Plan:
-    model: str
+    model: str | None  # as the user named it (None: the embedded default model)
     workload: Workload
     cost_source: str
     slo: SLO | None
