@@ -182,3 +182,5 @@ def test_profile_of_a_tiny_model_drives_a_plan_on_this_machine(tmp_path):
                         skip_tokenizer_init=True, max_model_len=256)
     assert {str(c.layout) for c in result.ranked} <= {"tp1 pp1 dp1", "tp1 pp1 dp2", "tp1 pp2 dp1", "tp2 pp1 dp1"}
     assert "profile" in result.cost_source and result.best.summary["throughput_tok_s"] > 0
+    with pytest.raises(PlanError, match="measured for another model shape"):
+        plan_model(LLAMA_8B, None, "batch:2:16:4", profile=path)

@@ -58,7 +58,12 @@ def cost_for(cluster: ClusterSpec, profile_file: str | None = None):
 
     def build(model, dtype: str, hf_config=None):
         if profile_file is not None:
-            return ProfiledCost(load_profile(profile_file), model)
+            data = load_profile(profile_file)
+            if hf_config is not None and data.get("model_shape") != model_shape_key(hf_config, dtype,
+                                                                                     data.get("quantization")):
+                raise PlanError(f"profile {profile_file} was measured for another model shape or dtype (its "
+                                f"dtype: {data.get('dtype')}); run `dist-infer profile` on this model")
+            return ProfiledCost(data, model)
         if cluster.device is None:
             import torch
 

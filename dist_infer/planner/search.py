@@ -223,14 +223,17 @@ def plan(engine_args: dict, cluster: ClusterSpec, workload: Workload, cost_for, 
 
 
 def _nothing_fits(model: ModelShape, cluster: ClusterSpec, refused: list[Candidate], host_memory: float) -> str:
+    reasons = {c.refused for c in refused}
+    if not any("KV blocks" in reason for reason in reasons):  # nothing was short of memory: say what was wrong
+        return "no layout can be planned: " + "; ".join(sorted(reasons))
     weights = model.total_params() * (model.weight_bits / 8 if model.weight_bits else model.dtype_bytes)
     if cluster.device is not None:
-        per_device = cluster.memory_per_device * 0.9
         have = cluster.num_devices * cluster.memory_per_device
         where = f"{cluster.num_devices} x {cluster.device.name} ({have / _GB:.0f} GB)"
-        need_devices = math.ceil(weights / (per_device * 0.8))
+        # Weights may take about 70 % of each device (0.9 utilization, room left for a KV cache).
+        need_devices = math.ceil(weights / (cluster.memory_per_device * 0.9 * 0.8))
     else:
-        per_device, have, where, need_devices = host_memory, host_memory, f"{host_memory / _GB:.0f} GB of RAM", 0
+        have, where, need_devices = host_memory, f"{host_memory / _GB:.0f} GB of RAM", 0
     lines = [f"no layout of this model fits {where}: its weights alone take {weights / _GB:.1f} GB"]
     for bits, name in ((8, "int8"), (4, "int4")):
         quantized = model.total_params() * (bits / 8 + 1 / 16)
@@ -239,7 +242,6 @@ def _nothing_fits(model: ModelShape, cluster: ClusterSpec, refused: list[Candida
     if need_devices:
         lines.append(f"unquantized it needs about {need_devices} x {cluster.device.name} "
                      f"({need_devices * cluster.memory_per_device / _GB:.0f} GB) to leave room for a KV cache")
-    reasons = {c.refused for c in refused}
     if len(reasons) == 1:
         lines.append(f"every layout: {reasons.pop()}")
     return "; ".join(lines)
