@@ -108,7 +108,15 @@ _SUBMIT = """
 import sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
 client = JobSubmissionClient(sys.argv[1])
-job = client.submit_job(entrypoint=sys.argv[2])
+deadline = time.monotonic() + 120
+while True:  # the head's job agent registers a moment after `ray start` returns; Ray says to try again
+    try:
+        job = client.submit_job(entrypoint=sys.argv[2])
+        break
+    except RuntimeError as e:
+        if "No available agent" not in str(e) or time.monotonic() > deadline:
+            raise
+        time.sleep(1)
 deadline = time.monotonic() + 300
 while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
     if time.monotonic() > deadline:
