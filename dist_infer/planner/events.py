@@ -2,8 +2,9 @@
 
 A task has ``work`` seconds (how long it takes measured with ``threads`` threads per process and nothing else
 running), a ``demand`` (the threads it keeps busy: a tensor-parallel group of g processes asks for g x threads)
-and an ``efficiency`` e: what each of the host's C cores delivers, relative to one core alone, when all C are
-busy (e = speedup at C threads / C; below 1 where the cores share memory bandwidth or caches). With the tasks
+and an ``efficiency`` e: what each of the host's C cores delivers when all C are busy, relative to one core alone
+(measured: a one-thread worker's time alone / its time while C of them run at once; below 1 where the cores share
+memory bandwidth or caches). With the tasks
 running now asking for D threads in all, the cores are busy o = min(D, C) at a time, and each task progresses at
 
     rate = min(1, C / D) x b(o) / b(min(threads, C)),   b(o) = 1 - (1 - e) (o - 1) / (C - 1)
