@@ -102,11 +102,9 @@ def plan_model(model: str | None = None, cluster=None, workload: str | Workload 
     if isinstance(slo, str):
         slo = SLO.parse(slo)
     build = cost_for(spec, profile)
-    result = plan(args, spec, workload, lambda shape, dtype: build(shape, dtype, hf_config), slo=slo,
-                  host_memory=host_memory_bytes(), max_workers=max_workers, tp_sizes=tp_sizes, pp_sizes=pp_sizes,
-                  dp_sizes=dp_sizes, log=log)
-    result.model = None if named in (None, "default") else os.fspath(named)
-    return result
+    return plan(args, spec, workload, lambda shape, dtype: build(shape, dtype, hf_config), slo=slo,
+                host_memory=host_memory_bytes(), max_workers=max_workers, tp_sizes=tp_sizes, pp_sizes=pp_sizes,
+                dp_sizes=dp_sizes, model_name=None if named in (None, "default") else os.fspath(named), log=log)
 
 
 def write_config(result: Plan, path: str | Path, cluster_section: dict | None = None) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import statistics
 
+from dist_infer.planner.engine_profile import run_batch
 from dist_infer.planner.step_shape import Layout, step_shape
 
 
@@ -47,7 +48,6 @@ def measure_in_steps(folder: str, tp: int, dtype: str, cost, num_layers: int, ba
 
     from dist_infer.engine.llm_engine import LLMEngine
     from dist_infer.planner.events import EventQueue, SharedHost
-    from dist_infer.sampling_params import SamplingParams
 
     layout = Layout(tp, 1, 1, (num_layers,))
     engine = LLMEngine.from_engine_args(model=folder, dtype=dtype, tensor_parallel_size=tp,
@@ -62,16 +62,9 @@ def measure_in_steps(folder: str, tp: int, dtype: str, cost, num_layers: int, ba
         return execute(scheduled, replica)
 
     engine.executor.execute_model = recording
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-
     def run(batch: int, load: int = 0) -> dict:
         shapes.clear()
-        before = [t["compute_seconds"] for t in engine.executor.collective_rpc("timing")]
-        for _ in range(batch):
-            engine.add_request(engine.next_request_id(), {"prompt_token_ids": [7] * prompt_len}, params)
-        while engine.has_unfinished_requests():
-            engine.step()
-        after = [t["compute_seconds"] for t in engine.executor.collective_rpc("timing")]
+        _, _, compute = run_batch(engine, batch, prompt_len, output_len)
         predicted = 0.0
         for shape in shapes:  # each step's compute, stretched as the group's ranks share the cores
             events = EventQueue()
@@ -85,7 +78,7 @@ def measure_in_steps(folder: str, tp: int, dtype: str, cost, num_layers: int, ba
             events.run(until=lambda: bool(done))
             predicted += done[0]
         return {"batch": batch, "load": load, "steps": len(shapes), "compute_s": predicted,
-                "measured_s": max(b - a for a, b in zip(before, after)),
+                "measured_s": max(compute),
                 "collectives": len(shapes) * (2 * num_layers + 1) + sum(1 for s in shapes if s.num_sampled)}
 
     def latency(samples: list[dict]) -> float:

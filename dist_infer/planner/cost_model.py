@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from dist_infer.kv_cache_groups import cdiv
 from dist_infer.planner.comm_profile import CommModel
 from dist_infer.planner.fits import evaluate, interpolate
 from dist_infer.planner.model_shape import ModelShape
@@ -34,7 +35,7 @@ def _comm_seconds(comm: CommModel, model: ModelShape, shape: StepShape, layout: 
     reduces = 2 * layout.layers[stage] + (stage == 0)
     seconds = reduces * max(floor, comm.time("all_reduce", activations, tp))
     if stage == layout.pp - 1 and shape.num_sampled:
-        gathered = shape.num_sampled * -(-model.vocab // tp) * model.dtype_bytes
+        gathered = shape.num_sampled * cdiv(model.vocab, tp) * model.dtype_bytes
         seconds += max(floor, comm.time("all_gather", gathered, tp))
     return seconds
 
@@ -54,9 +55,11 @@ class ProfiledCost:
     def threads(self, layout: Layout) -> int:
         return max(1, self.cores // layout.world_size) if self.on_cpu else 1
 
+    def _fit_key(self, layout: Layout) -> str:
+        return f"tp{layout.tp}-t{self.threads(layout)}"
+
     def worker_fit(self, layout: Layout) -> dict:
-        key = f"tp{layout.tp}-t{self.threads(layout)}"
-        fit = self.profile["workers"].get(key)
+        fit = self.profile["workers"].get(self._fit_key(layout))
         if fit is None:
             have = ", ".join(sorted(self.profile["workers"]))
             raise ValueError(f"the profile has no measurements for tp={layout.tp} with {self.threads(layout)} "
@@ -64,7 +67,7 @@ class ProfiledCost:
         return fit
 
     def supports(self, layout: Layout) -> bool:
-        return f"tp{layout.tp}-t{self.threads(layout)}" in self.profile["workers"] and (
+        return self._fit_key(layout) in self.profile["workers"] and (
             self.comm is not None or layout.tp == 1)
 
     def stage_seconds(self, shape: StepShape, layout: Layout, stage: int) -> float:

@@ -17,11 +17,13 @@ from dist_infer.planner.fits import linear_fit
 ENGINE_TERMS = ["step", "seqs", "workers"]
 
 
-def _run(engine, batch: int, prompt_len: int, output_len: int) -> tuple[float, int]:
+def run_batch(engine, batch: int, prompt_len: int, output_len: int) -> tuple[float, int, list[float]]:
+    """Serves ``batch`` requests of ``prompt_len`` tokens and ``output_len`` outputs to the end: (wall seconds,
+    steps, each worker's compute seconds in that time)."""
     from dist_infer.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    before = sum(t["compute_seconds"] for t in engine.executor.collective_rpc("timing"))
+    before = [t["compute_seconds"] for t in engine.executor.collective_rpc("timing")]
     for _ in range(batch):
         engine.add_request(engine.next_request_id(), {"prompt_token_ids": [7] * prompt_len}, params)
     steps, start = 0, time.perf_counter()
@@ -29,8 +31,8 @@ def _run(engine, batch: int, prompt_len: int, output_len: int) -> tuple[float, i
         engine.step()
         steps += 1
     wall = time.perf_counter() - start
-    compute = sum(t["compute_seconds"] for t in engine.executor.collective_rpc("timing")) - before
-    return (wall - compute) / steps, steps
+    after = [t["compute_seconds"] for t in engine.executor.collective_rpc("timing")]
+    return wall, steps, [b - a for a, b in zip(before, after)]
 
 
 def measure_engine(folder: str, dtype: str, batches=(1, 4, 16, 64), prompt_len: int = 16, output_len: int = 24,
@@ -49,10 +51,10 @@ def measure_engine(folder: str, dtype: str, batches=(1, 4, 16, 64), prompt_len: 
             max_batches_in_flight=1, max_model_len=prompt_len + output_len + 16, kv_cache_memory=64 << 20,
             skip_tokenizer_init=not detokenizes)
         try:
-            _run(engine, 2, prompt_len, 4)  # warm-up
+            run_batch(engine, 2, prompt_len, 4)  # warm-up
             for batch in batches:
-                per_step, _ = _run(engine, batch, prompt_len, output_len)
-                samples.append({"workers": workers, "seqs": batch, "seconds": per_step})
+                wall, steps, compute = run_batch(engine, batch, prompt_len, output_len)
+                samples.append({"workers": workers, "seqs": batch, "seconds": (wall - sum(compute)) / steps})
         finally:
             engine.shutdown()
     features = [{"step": 1.0, "seqs": s["seqs"], "workers": s["workers"] - 1} for s in samples]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_infer.kv_cache_groups import cdiv
+
 _BITS = {None: None, "int8": 8, "int4": 4}
 
 
@@ -62,7 +64,7 @@ class ModelShape:
 
     def vocab_bytes(self, tp: int) -> int:
         """One embedding-sized matrix's slice (the embedding, or an untied LM head)."""
-        return -(-self.vocab // tp) * self.hidden * self.dtype_bytes
+        return cdiv(self.vocab, tp) * self.hidden * self.dtype_bytes
 
     def stage_weight_bytes(self, tp: int, layers: int, first: bool, last: bool) -> float:
         """A rank's weights for a stage of ``layers`` layers (the embedding on the first stage, the LM head on the

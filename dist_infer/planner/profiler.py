@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from dist_infer.kv_cache_groups import cdiv
 from dist_infer.planner.fits import linear_fit, table
 from dist_infer.planner.step_shape import Layout, attention_features
 
@@ -90,7 +91,7 @@ def slice_config(hf_config, tp: int, num_layers: int = PROFILE_LAYERS):
     config.num_key_value_heads = kv // tp if kv % tp == 0 else 1  # tp beyond the K/V heads replicates them
     config.head_dim = head_dim
     config.intermediate_size = hf_config.intermediate_size // tp
-    config.vocab_size = -(-hf_config.vocab_size // tp)
+    config.vocab_size = cdiv(hf_config.vocab_size, tp)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types[:num_layers])
@@ -172,13 +173,12 @@ class _Timers:
         module.register_forward_hook(after)
 
     def reset(self) -> dict:
-        """Seconds since the last reset: ``layer`` and ``attention`` per steady layer (mean over layers 1..), all
-        layers together (``layers``), and the head."""
+        """Seconds since the last reset: ``layer`` and ``attention`` per steady layer (mean over layers 1..), and
+        the head."""
         taken, self.seconds = self.seconds, {}
         steady = range(1, self.num_layers)
         return {"layer": sum(taken[f"layer{i}"] for i in steady) / len(steady),
-                "attention": sum(taken[f"attention{i}"] for i in steady) / len(steady),
-                "layers": sum(taken[f"layer{i}"] for i in range(self.num_layers)), "head": taken.get("head", 0.0)}
+                "attention": sum(taken[f"attention{i}"] for i in steady) / len(steady), "head": taken.get("head", 0.0)}
 
 
 def measure_worker(folder: str, threads: int, dtype: str, quantization: str | None, steps: list[list],
@@ -191,7 +191,7 @@ def measure_worker(folder: str, threads: int, dtype: str, quantization: str | No
     from dist_infer.worker.worker import Worker
 
     max_len = max(q + c for step in steps for q, c in step)
-    max_resident = max(sum(-(-(q + c) // block_size) for q, c in step) for step in steps)
+    max_resident = max(sum(cdiv(q + c, block_size) for q, c in step) for step in steps)
     config = EngineArgs(model=folder, dtype=dtype, quantization=quantization, max_model_len=max_len,
                         block_size=block_size, num_gpu_blocks_override=max_resident + 1, skip_tokenizer_init=True,
                         max_num_batched_tokens=max(sum(q for q, _ in s) for s in steps),
@@ -212,7 +212,7 @@ def measure_worker(folder: str, threads: int, dtype: str, quantization: str | No
                 new, next_block = [], 1
                 for q, c in step:
                     counter += 1
-                    nb = -(-(q + c) // block_size)
+                    nb = cdiv(q + c, block_size)
                     new.append(NewRequestData(str(counter), [1] * (q + c), params,
                                               [list(range(next_block, next_block + nb))], c, q + c, ()))
                     next_block += nb

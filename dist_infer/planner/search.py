@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from dist_infer.config import EngineConfig, valid_tensor_parallel_sizes
+from dist_infer.kv_cache_groups import cdiv
 from dist_infer.planner.hardware import ClusterSpec
 from dist_infer.planner.memory import WorkerMemory, worker_memory
 from dist_infer.planner.metrics import SimResult
@@ -160,9 +161,10 @@ def _rank_key(candidate: Candidate, slo: SLO | None, closed: bool, best_throughp
 
 def plan(engine_args: dict, cluster: ClusterSpec, workload: Workload, cost_for, *, slo: SLO | None = None,
          host_memory: float = 0.0, max_workers: int = 12, tp_sizes=None, pp_sizes=None, dp_sizes=None,
-         log=lambda message: None) -> Plan:
+         model_name: str | None = None, log=lambda message: None) -> Plan:
     """Plans ``workload`` for the model and engine settings of ``engine_args`` (EngineArgs fields; layout fields
-    are filled per candidate) on ``cluster``. ``cost_for(model_shape, dtype_name)``: the cost model."""
+    are filled per candidate) on ``cluster``. ``cost_for(model_shape, dtype_name)``: the cost model.
+    ``model_name``: the model as the user named it (None: the embedded default), for the config written."""
     from dist_infer.engine.arg_utils import EngineArgs
 
     base = EngineArgs(**{**engine_args, "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
@@ -195,7 +197,7 @@ def plan(engine_args: dict, cluster: ClusterSpec, workload: Workload, cost_for, 
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=mc.max_model_len, longest=workload.max_total_len,
             workers_on_host=layout.world_size if not cluster.devices_per_node else 1)
-        need = -(-workload.max_total_len // cc.block_size)
+        need = cdiv(workload.max_total_len, cc.block_size)
         if candidate.memory.num_blocks < need:
             m = candidate.memory
             candidate.refused = (f"weights {m.weights / _GB:.2f} GB + reserve {m.reserve / _GB:.2f} GB per worker "
@@ -215,8 +217,7 @@ def plan(engine_args: dict, cluster: ClusterSpec, workload: Workload, cost_for, 
     closed = all(item.arrival_s == workload.items[0].arrival_s for item in workload.items)
     best = max(c.summary["throughput_tok_s"] for c in ranked)
     ranked.sort(key=lambda c: _rank_key(c, slo, closed, best))
-    result = Plan(engine_args.get("model") or "default", workload, cost.source, slo, ranked, refused,
-                  cluster.num_devices)
+    result = Plan(model_name, workload, cost.source, slo, ranked, refused, cluster.num_devices)
     if slo is not None and not result.meets(result.best):
         raise PlanError(_slo_unmet(result, cost))
     return result

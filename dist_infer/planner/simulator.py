@@ -135,20 +135,18 @@ class SimulatedExecutor:
             return
         scheduled, shape, future, record = step
         record.end = self.events.now
-        future.set_result(self._sample(scheduled))
+        future.set_result(self._sample(scheduled, shape))
         self.on_result()
 
-    def _sample(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def _sample(self, scheduled: SchedulerOutput, shape: StepShape) -> ModelRunnerOutput:
         """A made-up token for every row that reached the end of its sequence (its id only feeds the prefix
-        cache's keys of generated blocks)."""
+        cache's keys of generated blocks). ``shape.queries`` follows ``num_scheduled_tokens``' order."""
         out = ModelRunnerOutput()
-        context = {r.req_id: r.num_computed_tokens for r in scheduled.new_requests}
-        context.update((r.req_id, r.num_computed_tokens) for r in scheduled.cached_requests)
-        for req_id, n in scheduled.num_scheduled_tokens.items():
-            position = context[req_id] + n
-            if position >= self.num_tokens[req_id]:
+        for req_id, (n, context) in zip(scheduled.num_scheduled_tokens, shape.queries):
+            if context + n >= self.num_tokens[req_id]:
                 # A stable digest, not hash(): str hashes change from one process to the next.
-                out.sampled_token_ids[req_id] = 1 + zlib.crc32(f"{req_id}:{position}".encode()) % (self.vocab_size - 1)
+                digest = zlib.crc32(f"{req_id}:{context + n}".encode())
+                out.sampled_token_ids[req_id] = 1 + digest % (self.vocab_size - 1)
         return out
 
 
