@@ -63,6 +63,8 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     quantization: str | None = None
     quantization_group_size: int = 64
+    # The embedding table and LM head in int8 too; None: with quantization, yes.
+    quantize_lm_head: bool | None = None
 
     # Filled in by __post_init__.
     hf_config: Any = field(init=False, repr=False)
@@ -95,17 +97,25 @@ class ModelConfig:
             )
 
     def _quant_config(self):
+        from dataclasses import replace
+
         from dist_infer.layers.quantization.config import QuantConfig
 
+        if self.quantize_lm_head not in (None, True, False):
+            raise ValueError(f"quantize_lm_head must be true, false or unset, got {self.quantize_lm_head!r}")
         stored = QuantConfig.from_checkpoint(self.hf_config)
         if stored is not None:
             if self.quantization not in (None, stored.method):
                 raise ValueError(f"quantization={self.quantization!r}, but the checkpoint is already quantized to "
                                  f"{stored.method!r}")
-            return stored
-        if self.quantization is None:
+            config = stored
+        elif self.quantization is None:
+            if self.quantize_lm_head:
+                raise ValueError("quantize_lm_head=True needs weight quantization (quantization='int8' or 'int4')")
             return None
-        return QuantConfig(self.quantization, self.quantization_group_size)
+        else:
+            config = QuantConfig(self.quantization, self.quantization_group_size)
+        return replace(config, lm_head=self.quantize_lm_head is not False)
 
     # Shape facts that every layer and the cache need, read once from the HF config.
     @property

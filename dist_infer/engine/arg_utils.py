@@ -22,6 +22,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     quantization: str | None = None
     quantization_group_size: int = 64
+    quantize_lm_head: bool | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -132,6 +133,8 @@ class EngineArgs:
         add("--max-model-len", type=int, help="default: the model's context")
         add("--quantization", "-q", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
         add("--quantization-group-size", type=int, help="int4 group size: 32, 64 (default) or 128")
+        add("--quantize-lm-head", action=argparse.BooleanOptionalAction,
+            help="with --quantization, also the embedding table and LM head, in int8 (default: on)")
         add("--tensor-parallel-size", "--tp", type=int, help="default 1")
         add("--pipeline-parallel-size", "--pp", type=int, help="default 1")
         add("--data-parallel-size", "--dp", type=int, help="default 1")

@@ -1,10 +1,17 @@
 """Native CPU kernels, compiled from C on first use with the system's C compiler and loaded with ctypes.
 
-Only where the PyTorch reference path pays for a copy it cannot avoid: paged decode attention gathers every
-key and value into a padded tensor before attending; the native kernel reads them once, straight from their
-blocks. Without a compiler (or with ``DIST_INFER_NATIVE_KERNELS=0``) the reference path runs instead; a
-compiler that fails on the source is a defect, not a missing tool: it is warned about (once per process,
-with the compiler's message) before the reference path takes over, and ``build_paged_decode`` raises it.
+Only where the PyTorch reference path pays for what it cannot avoid:
+* paged decode attention (``native/paged_decode.c``) gathers every key and value into a padded tensor before
+  attending; the native kernel reads them once, straight from their blocks;
+* weight-only quantized matmuls (``native/quant_matmul.c``): PyTorch's fused int4/int8 kernels run slower than
+  an fp32 GEMV at small batches on AVX2; the native ones multiply int8-quantized activations with the codes in
+  integer SIMD instructions (see ``quantization/native.py``);
+* the residual add and RMSNorm (``native/rms_norm.c``): two PyTorch ops with a fixed cost of tens of
+  microseconds each, twice per layer per step, for a few hundred nanoseconds of work at decode sizes.
+
+Without a compiler (or with ``DIST_INFER_NATIVE_KERNELS=0``) the reference path runs instead; a
+compiler that fails on a source is a defect, not a missing tool: it is warned about (once per process and
+source, with the compiler's message) before the reference path takes over, and ``build_*`` raises it.
 
 The library is built with ``-march=native`` into the dist-infer cache, keyed by the source, the flags and
 the CPU's features, and linked against the OpenMP runtime torch already loaded, so both share one thread
@@ -31,6 +38,8 @@ from dist_infer.model_loader.cache_dir import cache_root
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "native" / "paged_decode.c"
+_QUANT_SOURCE = Path(__file__).parent / "native" / "quant_matmul.c"
+_NORM_SOURCE = Path(__file__).parent / "native" / "rms_norm.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _LIBS = ["-lmvec", "-lm"]
 
@@ -61,7 +70,7 @@ def _load(source_path: Path, compiler: str) -> ctypes.CDLL:
     source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS + _LIBS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
-    target = cache_root() / "native" / f"paged_decode-{key}.so"
+    target = cache_root() / "native" / f"{source_path.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -72,13 +81,30 @@ def _load(source_path: Path, compiler: str) -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+def _declare_paged_decode(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     sizes = [i64] * 6 + [ctypes.c_float, i64, ptr]  # B, Hq, Hk, D, bs, W, scale, window, out
     lib.dist_infer_paged_decode_f32.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, *sizes]
     lib.dist_infer_paged_decode_i8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, *sizes]
     lib.dist_infer_paged_decode_f32.restype = lib.dist_infer_paged_decode_i8.restype = None
-    return lib
+
+
+def _declare_quant_matmul(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    # x, M, K, codes, scales, N, [group,] threads, y
+    lib.dist_infer_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr]
+    lib.dist_infer_q8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr]
+    lib.dist_infer_q4_matmul.restype = lib.dist_infer_q8_matmul.restype = ctypes.c_int
+
+
+def _declare_rms_norm(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    # x, residual, weight, T, H, eps, threads, residual out, y
+    lib.dist_infer_add_rms_norm_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, ptr, ptr]
+    lib.dist_infer_add_rms_norm_f32.restype = None
 
 
 class NativeBuildError(RuntimeError):
@@ -89,14 +115,16 @@ class NativeBuildError(RuntimeError):
 _failures: set[tuple[str, Path]] = set()
 
 
-def build_paged_decode(source: Path | None = None) -> ctypes.CDLL:
-    """Builds (or loads from the cache) the native kernel; raises ``FileNotFoundError`` when the compiler is not
+def _build(source: Path, declare) -> ctypes.CDLL:
+    """Builds (or loads from the cache) a native library; raises ``FileNotFoundError`` when the compiler is not
     installed and ``NativeBuildError`` when it is but the build or the load fails."""
-    compiler, source = native_compiler(), source or _SOURCE
+    compiler = native_compiler()
     if not native_compiler_available():
         raise FileNotFoundError(f"C compiler {compiler!r} not found (set $CC to another)")
     try:
-        return _load(source, compiler)
+        lib = _load(source, compiler)
+        declare(lib)
+        return lib
     except subprocess.CalledProcessError as e:
         raise NativeBuildError(f"{compiler} failed to build {source.name}: "
                                f"{e.stderr.decode(errors='replace')[-2000:]}") from e
@@ -104,20 +132,56 @@ def build_paged_decode(source: Path | None = None) -> ctypes.CDLL:
         raise NativeBuildError(f"native kernel {source.name} built by {compiler} does not load: {e}") from e
 
 
-def paged_decode_kernel():
-    """The native decode kernel, or None when disabled, when there is no compiler, or when the build fails; the
-    PyTorch path runs instead, after a warning (once per process) that says why."""
+def _kernel_or_none(source: Path, declare, what: str):
+    """The library, or None when disabled, when there is no compiler, or when the build fails; the PyTorch path
+    runs instead, after a warning (once per process and source) that says why."""
     if not native_kernels_enabled():
         return None
-    key = (native_compiler(), _SOURCE)
+    key = (native_compiler(), source)
     if key in _failures:
         return None
     try:
-        return build_paged_decode(_SOURCE)
+        return _build(source, declare)
     except (FileNotFoundError, NativeBuildError) as e:
         _failures.add(key)
-        logger.warning("native paged attention unavailable, using the PyTorch path: %s", e)
+        logger.warning("native %s unavailable, using the PyTorch path: %s", what, e)
         return None
+
+
+def build_paged_decode(source: Path | None = None) -> ctypes.CDLL:
+    return _build(source or _SOURCE, _declare_paged_decode)
+
+
+def build_quant_matmul(source: Path | None = None) -> ctypes.CDLL:
+    return _build(source or _QUANT_SOURCE, _declare_quant_matmul)
+
+
+def paged_decode_kernel():
+    """The native decode kernel, or None (see ``_kernel_or_none``)."""
+    return _kernel_or_none(_SOURCE, _declare_paged_decode, "paged attention")
+
+
+def quant_matmul_kernels():
+    """The native quantized matmuls, or None (see ``_kernel_or_none``)."""
+    return _kernel_or_none(_QUANT_SOURCE, _declare_quant_matmul, "quantized matmul")
+
+
+def rms_norm_kernel():
+    """The native add + RMSNorm, or None (see ``_kernel_or_none``)."""
+    return _kernel_or_none(_NORM_SOURCE, _declare_rms_norm, "RMSNorm")
+
+
+def add_rms_norm(lib, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 contiguous x (and residual) [T, H], weight [H] -> (w * r' / rms(r'), r'), r' = x + residual (None
+    without a residual)."""
+    T, H = x.shape
+    y = torch.empty_like(x)
+    r_out = torch.empty_like(x) if residual is not None else None
+    lib.dist_infer_add_rms_norm_f32(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                                    weight.data_ptr(), T, H, eps, torch.get_num_threads(),
+                                    r_out.data_ptr() if r_out is not None else None, y.data_ptr())
+    return y, r_out
 
 
 def paged_decode(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

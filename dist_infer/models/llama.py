@@ -177,15 +177,19 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config, dtype: torch.dtype, max_positions: int, layer_range: tuple[int, int] | None = None,
                  is_first: bool = True, is_last: bool = True, quant_config=None):
-        """``quant_config``: weight-only quantization of the decoder layers' linears (embedding and LM head
-        stay in ``dtype``)."""
+        """``quant_config``: weight-only quantization of the decoder layers' linears, and with its ``lm_head``
+        of the embedding table and LM head (int8); else those stay in ``dtype``."""
         super().__init__()
         self.config = config
         self.layer_range = layer_range or (0, config.num_hidden_layers)
         self.is_first, self.is_last = is_first, is_last
         self.model = self.build_model(config, dtype, max_positions, is_first, is_last, quant_config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype) if is_last else None
+        quantize_table = quant_config is not None and quant_config.lm_head
+        if self.model.embed_tokens is not None:
+            self.model.embed_tokens.quantize = quantize_table
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype,
+                                      quantize=quantize_table) if is_last else None
         if self.tied and is_first and is_last:
             self.lm_head.tie_to(self.model.embed_tokens)
 

@@ -13,11 +13,14 @@ CHECKPOINT_TAG = "dist-infer"
 class QuantConfig:
     """``int8``: symmetric, one scale per output channel, ``w = q * s``.
     ``int4``: asymmetric in groups of ``group_size`` input features, ``w = (q - z) * s`` with q in [0, 15] and
-    one (s, z) per output channel and group. ``prequantized``: the checkpoint already stores q, s (and z)."""
+    one (s, z) per output channel and group. ``prequantized``: the checkpoint already stores q, s (and z).
+    ``lm_head``: the embedding table and the LM head are quantized too, to int8 per vocabulary row whatever
+    ``method`` is (the head is the largest single matrix of a small model, and the most sensitive one)."""
 
     method: str
     group_size: int = 64
     prequantized: bool = False
+    lm_head: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

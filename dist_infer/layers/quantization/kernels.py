@@ -5,11 +5,14 @@ Every kernel computes ``x W~^T`` for the dequantized weight ``W~`` of ``quantiza
 * ``int8pack`` / ``int4pack``: PyTorch's fused weight-only kernels (``_weight_int8pack_mm``,
   ``_weight_int4pack_mm_for_cpu`` on the CPU, ``_weight_int4pack_mm`` on CUDA);
 * ``...@bf16``: the same with the activations rounded to bf16 around the call -- on the CPU the fused kernels
-  are vectorized for bf16 only, and weight-only formats are normally paired with 16-bit activations.
+  are vectorized for bf16 only, and weight-only formats are normally paired with 16-bit activations;
+* ``native`` (CPU): the project's own kernels (``quantization/native.py``), int8 activations times the codes in
+  integer SIMD instructions, with OpenMP across output rows.
 
 A candidate is timed at a decode-sized and a prefill-sized batch and used for that regime only if its output
 matches the reference; the choice is cached per (method, shape, dtype, device), so each shape is measured once.
-``DIST_INFER_QUANT_KERNEL=dequant`` (or another name) forces one kernel.
+``DIST_INFER_QUANT_KERNEL=dequant`` (or another name) forces one kernel; a fused kernel of the other method
+(``int4pack`` for the int8 LM head, say) leaves that method's weights to the measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_infer.layers.quantization.math import dequantize_int4, dequantize_int8
+from dist_infer.layers.quantization.native import native_int4, native_int8
 
 SMALL_BATCH = 8  # up to this many rows counts as decode-sized
 _PROBE_ROWS = (1, 32)
@@ -72,6 +76,11 @@ def _candidates(w: QuantizedWeight, dtype: torch.dtype, device: torch.device) ->
         except (RuntimeError, NotImplementedError, AttributeError):
             continue  # this build or device has no such kernel
         out[f"{w.method}pack{suffix}"] = (kernel, held)
+    if device.type == "cpu":
+        native = (native_int8(w.q, w.scale, dtype) if w.method == "int8"
+                  else native_int4(w.q, w.scale, w.zero, w.group_size, dtype))
+        if native is not None:
+            out["native"] = native
     return out
 
 
@@ -126,7 +135,8 @@ def choose_kernels(w: QuantizedWeight, dtype: torch.dtype, device: torch.device)
     forced = os.environ.get("DIST_INFER_QUANT_KERNEL")
     key = (w.method, w.group_size, tuple(w.q.shape), dtype, device.type, forced)
     if key not in _CHOICES:
-        if forced:
+        other = {"int8": "int4pack", "int4": "int8pack"}[w.method]
+        if forced and not forced.startswith(other):
             if forced not in candidates:
                 raise ValueError(f"DIST_INFER_QUANT_KERNEL={forced!r} is not available here; have {sorted(candidates)}")
             _CHOICES[key] = (forced, forced)
