@@ -8,11 +8,13 @@ column is left out.
 
 Parts (``--parts``, default all):
 
-* ``decode``: batch-1 tok/s of dist-infer fp32, int8 and int4 (groups of 32: the GGUF's own Q4_1 blocks), of
+* ``decode``: batch-1 tok/s of dist-infer fp32, int8 and int4 (groups of 32: the GGUF's own Q4_1 blocks; also
+  ``int4 modules``, without the fused native decoder layer), of
   ``llama-cpp-python`` on the embedded GGUF (Q4_1) with the same threads, and of HF ``generate`` fp32; then the
   batch-32 throughput of dist-infer fp32 / int8 / int4 and HF. Greedy, ``--new-tokens`` each, EOS ignored.
 * ``step``: the fixed cost of one decode step (everything but the matmuls and attention), measured as the
-  step time of a model with SmolLM2's 30 layers but hidden size 64 at batch 1.
+  step time of a model with SmolLM2's 30 layers but hidden size 64 at batch 1: fp32, and int8 with and without
+  the fused native decoder layer (``int8 modules``: the step before it).
 * ``prefill``: time to the first token of one random prompt of 512, 2,048 and 7,000 tokens, dist-infer fp32
   against HF's forward pass.
 
@@ -44,12 +46,30 @@ def gguf_path() -> str:
     return glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True)[0]
 
 
-def dist_engines(kinds: list[str], max_model_len: int = 1024) -> dict:
-    from dist_infer import LLM
+SETTINGS = {"fp32": {}, "int8": {"quantization": "int8"},
+            "int4": {"quantization": "int4", "quantization_group_size": 32}}
 
-    settings = {"fp32": {}, "int8": {"quantization": "int8"},
-                "int4": {"quantization": "int4", "quantization_group_size": 32}}
-    return {kind: LLM(max_model_len=max_model_len, max_num_seqs=64, **settings[kind]) for kind in kinds}
+
+def dist_engine(kind: str, fused: bool = True, **kwargs):
+    """An engine of ``kind`` (fp32 / int8 / int4); ``fused=False`` keeps its layers on the module path (the
+    layers look ``DIST_INFER_NATIVE_DECODER`` up on their first forward, run here)."""
+    from dist_infer import LLM, SamplingParams
+
+    if fused:
+        return LLM(**SETTINGS[kind], **kwargs)
+    os.environ["DIST_INFER_NATIVE_DECODER"] = "0"
+    try:
+        llm = LLM(**SETTINGS[kind], **kwargs)
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        del os.environ["DIST_INFER_NATIVE_DECODER"]
+    return llm
+
+
+def dist_engines(kinds: list[str], max_model_len: int = 1024) -> dict:
+    """kind -> engine; "int4 modules" is int4 without the fused native decoder layer (the step before it)."""
+    return {kind: dist_engine(kind.split()[0], fused=not kind.endswith("modules"), max_model_len=max_model_len,
+                              max_num_seqs=64) for kind in kinds}
 
 
 def kernels_of(llm) -> str:
@@ -125,7 +145,7 @@ def median_runs(fns: dict, repeats: int) -> dict:
 def part_decode(args, results: dict) -> None:
     from dist_infer.model_loader.resolve import resolve_model_path
 
-    kinds = ["fp32", "int8", "int4"]
+    kinds = ["fp32", "int8", "int4", "int4 modules"]
     engines = dist_engines(kinds)
     for kind, llm in engines.items():
         print(f"dist-infer {kind} kernels: {kernels_of(llm)}", flush=True)
@@ -164,30 +184,34 @@ def part_decode(args, results: dict) -> None:
 
 
 def part_step(args, results: dict) -> None:
-    """The fixed cost of a decode step: SmolLM2's depth (30 layers) at hidden size 64, batch 1."""
+    """The fixed cost of a decode step: SmolLM2's depth (30 layers) at hidden size 64, batch 1; fp32 (the module
+    path) and int8 with and without the fused native decoder layer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from dist_infer import LLM
+    from dist_infer import SamplingParams
 
     folder = tempfile.mkdtemp(prefix="step-cost-")
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=30,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=1024)
-    from dist_infer import SamplingParams
-
+    kwargs = {"model": folder, "skip_tokenizer_init": True, "max_model_len": 1024}
+    engines = {"fp32": dist_engine("fp32", **kwargs), "int8 modules": dist_engine("int8", fused=False, **kwargs),
+               "int8 fused": dist_engine("int8", **kwargs)}
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
 
-    def ms_per_step():
+    def ms_per_step(llm):
         start = time.perf_counter()
         llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], params, use_tqdm=False)
         return (time.perf_counter() - start) / args.new_tokens * 1e3
 
-    r = median_runs({"step": ms_per_step}, args.repeats)["step"]
+    r = median_runs({k: (lambda llm=llm: ms_per_step(llm)) for k, llm in engines.items()}, args.repeats)
     results["step"] = r
-    print(f"\nfixed cost of a decode step (30 layers of hidden 64, batch 1): {r['median']:.2f} ms")
-    llm.shutdown()
+    print("\nfixed cost of a decode step (30 layers of hidden 64, batch 1, median):")
+    for name, v in r.items():
+        print(f"  {name:14s} {v['median']:.2f} ms")
+    for llm in engines.values():
+        llm.shutdown()
 
 
 def part_prefill(args, results: dict) -> None:

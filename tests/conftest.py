@@ -108,17 +108,22 @@ def pytest_collection_modifyitems(config, items):
 
 def stop_ray_head(port: int = 6379) -> None:
     """Ends the Ray cluster a launch script started on ``port`` and nothing else (``ray stop`` would end every Ray
-    instance on the machine, another test's private one included): its processes name the head's GCS port."""
+    instance on the machine, another test's private one included): its processes name the head's GCS port. Their
+    children go too: the raylet's dashboard and runtime-env agents rename themselves (``ray::DashboardAgent``), and
+    one that outlives its head holds the agent port, so the next head's job agent never registers ("No available
+    agent to submit job")."""
     import psutil
 
-    procs = []
+    procs = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
             args = proc.info["cmdline"] or []
+            if proc.pid != os.getpid() and any(a.endswith((f":{port}", f"={port}")) for a in args):
+                procs.update((p.pid, p) for p in [proc, *proc.children(recursive=True)])
         except psutil.Error:
             continue
-        if proc.pid != os.getpid() and any(a.endswith((f":{port}", f"={port}")) for a in args):
-            procs.append(proc)
+    procs.pop(os.getpid(), None)
+    procs = list(procs.values())
     for proc in procs:
         try:
             proc.kill()

@@ -1,7 +1,8 @@
 """Gated activations over the last dimension: ``[g, u] -> act(g) * u``.
 
 SwiGLU (Llama, Phi-3): ``act = silu``. GeGLU (Gemma): ``act = gelu`` with the tanh approximation
-``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``.
+``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``. SwiGLU on fp32 CPU rows runs natively (one call instead
+of three ops; ``native/silu_mul.c``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_infer.layers.native_kernels import silu_mul, silu_mul_kernel
+
+_UNSET = object()
+
 
 class SiluAndMul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._native = _UNSET  # native_kernels.silu_mul, looked up on first use
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., 2d] -> [..., d]."""
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous():
+            if self._native is _UNSET:
+                self._native = silu_mul_kernel()
+            if self._native is not None:
+                return silu_mul(self._native, x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

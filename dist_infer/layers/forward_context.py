@@ -61,6 +61,7 @@ class AttentionMetadata:
     decodes: DecodeBatch | None
     prefills: list[PrefillSpan]
     _block_writes: dict = field(default_factory=dict, repr=False)
+    native: dict = field(default_factory=dict, repr=False)  # per-step structs of the native decoder layers
 
     def block_writes(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(touched [U], which [T]): the distinct blocks this step writes and, per token, its index among them.

@@ -214,7 +214,10 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.matmul(x, self.bias)
-        y = self.matmul(x, None)
+        return self.reduce(self.matmul(x, None))
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product -> the layer's output: summed over the ranks, then the bias added."""
         if self.reduce_results:
             y = get_tp_group().all_reduce(y)
         if self.bias is not None:

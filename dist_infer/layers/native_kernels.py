@@ -7,7 +7,10 @@ Only where the PyTorch reference path pays for what it cannot avoid:
   an fp32 GEMV at small batches on AVX2; the native ones multiply int8-quantized activations with the codes in
   integer SIMD instructions (see ``quantization/native.py``);
 * the residual add and RMSNorm (``native/rms_norm.c``): two PyTorch ops with a fixed cost of tens of
-  microseconds each, twice per layer per step, for a few hundred nanoseconds of work at decode sizes.
+  microseconds each, twice per layer per step, for a few hundred nanoseconds of work at decode sizes; likewise
+  SwiGLU's SiLU * up (``native/silu_mul.c``);
+* a quantized Llama layer's whole decode step (``native/decoder_layer.c``, from the three above), in two calls
+  instead of a dozen ops (see ``native_decoder.py``).
 
 Without a compiler (or with ``DIST_INFER_NATIVE_KERNELS=0``) the reference path runs instead; a
 compiler that fails on a source is a defect, not a missing tool: it is warned about (once per process and
@@ -40,6 +43,8 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "native" / "paged_decode.c"
 _QUANT_SOURCE = Path(__file__).parent / "native" / "quant_matmul.c"
 _NORM_SOURCE = Path(__file__).parent / "native" / "rms_norm.c"
+_SILU_SOURCE = Path(__file__).parent / "native" / "silu_mul.c"
+_DECODER_SOURCE = Path(__file__).parent / "native" / "decoder_layer.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _LIBS = ["-lmvec", "-lm"]
 
@@ -67,7 +72,9 @@ def native_compiler_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _load(source_path: Path, compiler: str) -> ctypes.CDLL:
-    source = source_path.read_bytes()
+    # a source may #include its siblings: all of them key the build
+    source = b"".join(p.read_bytes() for p in sorted(source_path.parent.glob("*.[ch]")) if p != source_path)
+    source = source_path.read_bytes() + source
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS + _LIBS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
     target = cache_root() / "native" / f"{source_path.stem}-{key}.so"
@@ -105,6 +112,20 @@ def _declare_rms_norm(lib: ctypes.CDLL) -> None:
     # x, residual, weight, T, H, eps, threads, residual out, y
     lib.dist_infer_add_rms_norm_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, ptr, ptr]
     lib.dist_infer_add_rms_norm_f32.restype = None
+
+
+def _declare_silu_mul(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dist_infer_silu_mul_f32.argtypes = [ptr, i64, i64, i64, ptr]  # gu, T, I, threads, out
+    lib.dist_infer_silu_mul_f32.restype = None
+
+
+def _declare_decoder_layer(lib: ctypes.CDLL) -> None:
+    ptr = ctypes.c_void_p
+    # layer struct, step struct, input, residual, residual out, output
+    for fn in (lib.dist_infer_decoder_attn, lib.dist_infer_decoder_mlp):
+        fn.argtypes = [ptr] * 6
+        fn.restype = ctypes.c_int
 
 
 class NativeBuildError(RuntimeError):
@@ -169,6 +190,24 @@ def quant_matmul_kernels():
 def rms_norm_kernel():
     """The native add + RMSNorm, or None (see ``_kernel_or_none``)."""
     return _kernel_or_none(_NORM_SOURCE, _declare_rms_norm, "RMSNorm")
+
+
+def silu_mul_kernel():
+    """The native SiLU * up, or None (see ``_kernel_or_none``)."""
+    return _kernel_or_none(_SILU_SOURCE, _declare_silu_mul, "SiLU")
+
+
+def silu_mul(lib, gu: torch.Tensor) -> torch.Tensor:
+    """fp32 contiguous gu [T, 2I] -> silu(gu[:, :I]) * gu[:, I:], [T, I]."""
+    T, width = gu.shape
+    out = torch.empty(T, width // 2, dtype=gu.dtype)
+    lib.dist_infer_silu_mul_f32(gu.data_ptr(), T, width // 2, torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def decoder_layer_kernel():
+    """The native decoder layer's two halves (``native_decoder.py``), or None (see ``_kernel_or_none``)."""
+    return _kernel_or_none(_DECODER_SOURCE, _declare_decoder_layer, "decoder layer")
 
 
 def add_rms_norm(lib, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

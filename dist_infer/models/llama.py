@@ -23,12 +23,15 @@ import torch
 from torch import nn
 
 from dist_infer.kv_cache_groups import sliding_window_for
-from dist_infer.layers.activation import gated_activation
+from dist_infer.layers.activation import SiluAndMul, gated_activation
 from dist_infer.layers.attention import Attention
 from dist_infer.layers.layernorm import RMSNorm
 from dist_infer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from dist_infer.layers.native_decoder import NativeDecoderLayer
 from dist_infer.layers.rotary import RotaryEmbedding, rope_layer_types
 from dist_infer.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+
+_UNSET = object()
 
 
 class LlamaMLP(nn.Module):
@@ -111,10 +114,33 @@ class LlamaDecoderLayer(nn.Module):
                         quant_config, act=getattr(config, "hidden_act", "silu"))
 
     def forward(self, cos_sin, hidden, residual):
+        native = self.native_decode()
+        if native is not None:
+            out = native(cos_sin, hidden, residual)
+            if out is not None:  # an all-decode step it could take
+                return out
         hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(cos_sin, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+    def native_decode(self) -> NativeDecoderLayer | None:
+        """The fused native decode step of this layer, where it is the plain Llama layer computed here (not a
+        subclass's variation): it reuses this layer's weights, and itself declines steps it cannot take."""
+        native = self.__dict__.get("_native", _UNSET)
+        if native is _UNSET:
+            attn, mlp = self.self_attn, self.mlp
+            plain = (type(self).forward is LlamaDecoderLayer.forward
+                     and type(attn).forward is LlamaAttention.forward
+                     and type(attn).position_qk is LlamaAttention.position_qk and not attn.qk_norm
+                     and attn.attn.logit_softcap is None
+                     and type(mlp).forward is LlamaMLP.forward and type(mlp.act_fn) is SiluAndMul
+                     and type(self.input_layernorm) is RMSNorm and type(self.post_attention_layernorm) is RMSNorm)
+            native = NativeDecoderLayer(attn.attn, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
+                                        self.input_layernorm, self.post_attention_layernorm) if plain else None
+            self.__dict__["_native"] = native
+        return native
 
 
 class MissingLayer(nn.Module):

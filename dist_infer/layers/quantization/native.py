@@ -15,8 +15,6 @@ same order as bf16 activations (``kernels._fastest`` accepts 5e-2 of the largest
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -45,43 +43,43 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     return (F.pad(q, (0, padded - k)) if padded != k else q).contiguous()
 
 
-def _call(lib_call, x: torch.Tensor, n: int, out_dtype: torch.dtype, *weights) -> torch.Tensor:
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
-    if rows.dtype != torch.float32 or not rows.is_contiguous():
-        rows = rows.float().contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if lib_call(rows.data_ptr(), rows.shape[0], k, *weights, torch.get_num_threads(), y.data_ptr()):
-        raise MemoryError("native quantized matmul could not allocate its activation buffers")
-    y = y.view(*x.shape[:-1], n)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
+class NativeMatmul:
+    """One weight's native kernel: ``kernel(x) = x W~^T``. The fused decoder layer (``layers/native_decoder.py``)
+    reads its codes and scales directly: ``kind`` is 1 for int4 (``scales`` = dm, groups of ``group``), 2 for int8
+    (``scales`` = the row scales)."""
+
+    def __init__(self, fn, kind: int, codes: torch.Tensor, scales: torch.Tensor, group: int,
+                 out_dtype: torch.dtype):
+        self.fn, self.kind, self.codes, self.scales, self.group = fn, kind, codes, scales, group
+        self.n = codes.shape[0]
+        self.out_dtype = out_dtype
+        self._weights = (codes.data_ptr(), scales.data_ptr(), self.n) + ((group,) if kind == 1 else ())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        y = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
+        if self.fn(rows.data_ptr(), rows.shape[0], k, *self._weights, torch.get_num_threads(), y.data_ptr()):
+            raise MemoryError("native quantized matmul could not allocate its activation buffers")
+        y = y.view(*x.shape[:-1], self.n)
+        return y if self.out_dtype == torch.float32 else y.to(self.out_dtype)
 
 
-def native_int4(q, scale, zero, group_size: int, out_dtype: torch.dtype) -> tuple[Callable, list] | None:
+def native_int4(q, scale, zero, group_size: int, out_dtype: torch.dtype) -> tuple[NativeMatmul, list] | None:
     """(kernel, tensors it holds) for an int4 weight, or None without the native library."""
     lib = quant_matmul_kernels()
     if lib is None:
         return None
     codes, dm = pack_int4(q, scale, zero, group_size)
-    n = codes.shape[0]
-    fn = lib.dist_infer_q4_matmul
-
-    def kernel(x):
-        return _call(fn, x, n, out_dtype, codes.data_ptr(), dm.data_ptr(), n, group_size)
-
-    return kernel, [codes, dm]
+    return NativeMatmul(lib.dist_infer_q4_matmul, 1, codes, dm, group_size, out_dtype), [codes, dm]
 
 
-def native_int8(q, scale, out_dtype: torch.dtype) -> tuple[Callable, list] | None:
+def native_int8(q, scale, out_dtype: torch.dtype) -> tuple[NativeMatmul, list] | None:
     """(kernel, tensors it holds) for an int8 weight, or None without the native library."""
     lib = quant_matmul_kernels()
     if lib is None:
         return None
     codes, scale = pack_int8(q), scale.float().contiguous()
-    n = codes.shape[0]
-    fn = lib.dist_infer_q8_matmul
-
-    def kernel(x):
-        return _call(fn, x, n, out_dtype, codes.data_ptr(), scale.data_ptr(), n)
-
-    return kernel, [codes, scale]
+    return NativeMatmul(lib.dist_infer_q8_matmul, 2, codes, scale, 0, out_dtype), [codes, scale]
